@@ -1,0 +1,196 @@
+"""Configuration of a TinySaver cascade: a tiny saver classifier in front of a large base classifier.
+
+This file is copied next to saved cascades as remote code: it imports only transformers and flat siblings.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+from transformers import CONFIG_MAPPING, PreTrainedConfig
+
+from .configuration_cifar_resnet import CifarResNetConfig
+
+TINYSAVER_VERSION = "0.1.0"
+
+CONFIDENCE_METRICS = ("max_prob", "margin", "entropy")
+
+# Sub-model configs defined by this library (not in transformers' CONFIG_MAPPING when loaded as remote code).
+LOCAL_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {CifarResNetConfig.model_type: CifarResNetConfig}
+
+# Keys this version writes; keys outside this set (and outside PreTrainedConfig's own) come from a newer version.
+_TINYSAVER_KEYS = {
+    "saver_config",
+    "base_config",
+    "threshold",
+    "confidence",
+    "temperature",
+    "label_mapping",
+    "saver_preprocessing",
+    "base_preprocessing",
+    "saver_macs",
+    "base_macs",
+    "calibration",
+    "tinysaver_version",
+}
+
+
+def sub_config_from_dict(config_dict: dict[str, Any]) -> PreTrainedConfig:
+    """Rebuilds a nested sub-model config from its serialised dict, keeping its class and label space.
+
+    Args:
+        config_dict: The dict written by `PreTrainedConfig.to_dict()`; must contain `model_type`.
+
+    Returns:
+        The config instance of the right class (e.g. `TimmWrapperConfig`, `ViTConfig`, `CifarResNetConfig`).
+    """
+    model_type = config_dict.get("model_type")
+    if model_type is None:
+        raise ValueError(
+            "A nested sub-model config has no `model_type`; save the sub-model with `save_pretrained` or pass the "
+            "config object itself."
+        )
+    if model_type in LOCAL_CONFIG_CLASSES:
+        config_class = LOCAL_CONFIG_CLASSES[model_type]
+    elif model_type in CONFIG_MAPPING:
+        config_class = CONFIG_MAPPING[model_type]
+    else:
+        raise ValueError(
+            f"Unknown sub-model type {model_type!r}: upgrade transformers, or import the library that defines it "
+            "before loading this cascade."
+        )
+    return config_class.from_dict(copy.deepcopy(config_dict))
+
+
+class TinySaverConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`TinySaverForImageClassification`] cascade. A tiny *saver* classifier runs on every image;
+    images on which its confidence exceeds `threshold` exit with the saver's prediction, the others are answered by
+    the large *base* classifier alone (TinySaver, Wang et al., arXiv 2403.17726).
+
+    Args:
+        saver_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the saver (any image-classification config: `TimmWrapperConfig`, `ViTConfig`, ...).
+        base_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the base model. The cascade's `id2label` is the base's.
+        threshold (`float`, *optional*, defaults to 1.0):
+            An image exits at the saver when its confidence is strictly greater than this value. With `max_prob`
+            confidence, 1.0 sends every image to the base.
+        confidence (`str`, *optional*, defaults to `"max_prob"`):
+            Confidence score of the saver: `"max_prob"` (the paper's maximum softmax probability), `"margin"` (top-1
+            minus top-2 probability) or `"entropy"` (1 minus the normalised entropy of the softmax).
+        temperature (`float`, *optional*, defaults to 1.0):
+            Saver logits are divided by this value before the confidence is computed (it never changes predictions).
+        label_mapping (`list[int]`, *optional*):
+            For savers with another label space: saver class `i` is base class `label_mapping[i]`.
+        saver_preprocessing (`dict`, *optional*):
+            How an image is prepared for the saver (`input_size`, `resize`, `crop_pct`, `interpolation`, `mean`,
+            `std`); see [`TinySaverImageProcessor`].
+        base_preprocessing (`dict`, *optional*):
+            The same for the base model.
+        saver_macs (`int`, *optional*):
+            Multiply-accumulates of the saver for one image at its own input size.
+        base_macs (`int`, *optional*):
+            Multiply-accumulates of the base for one image at its own input size.
+        calibration (`dict`, *optional*):
+            Free-form record of how `threshold` was chosen (objective, data, measured exit rate and accuracy).
+
+    Example:
+
+    ```python
+    >>> from transformers import TimmWrapperConfig
+    >>> from hf_tinysaver import TinySaverConfig
+
+    >>> saver = TimmWrapperConfig(architecture="test_efficientnet", num_labels=10)
+    >>> base = TimmWrapperConfig(architecture="test_vit", num_labels=10)
+    >>> config = TinySaverConfig(saver_config=saver, base_config=base, threshold=0.9)
+    >>> config.num_labels
+    10
+    ```
+    """
+
+    model_type = "tinysaver"
+
+    def __init__(
+        self,
+        saver_config: PreTrainedConfig | dict[str, Any] | None = None,
+        base_config: PreTrainedConfig | dict[str, Any] | None = None,
+        threshold: float = 1.0,
+        confidence: str = "max_prob",
+        temperature: float = 1.0,
+        label_mapping: list[int] | None = None,
+        saver_preprocessing: dict[str, Any] | None = None,
+        base_preprocessing: dict[str, Any] | None = None,
+        saver_macs: int | None = None,
+        base_macs: int | None = None,
+        calibration: dict[str, Any] | None = None,
+        tinysaver_version: str | None = None,
+        **kwargs,
+    ):
+        if isinstance(saver_config, dict):
+            saver_config = sub_config_from_dict(saver_config)
+        if isinstance(base_config, dict):
+            base_config = sub_config_from_dict(base_config)
+        if confidence not in CONFIDENCE_METRICS:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_METRICS}, got {confidence!r}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+
+        self.saver_config = saver_config
+        self.base_config = base_config
+        self.threshold = float(threshold)
+        self.confidence = confidence
+        self.temperature = float(temperature)
+        self.label_mapping = list(label_mapping) if label_mapping is not None else None
+        self.saver_preprocessing = saver_preprocessing
+        self.base_preprocessing = base_preprocessing
+        self.saver_macs = saver_macs
+        self.base_macs = base_macs
+        self.calibration = calibration or {}
+        self.tinysaver_version = TINYSAVER_VERSION
+        self._warn_on_newer_keys(tinysaver_version, kwargs)
+
+        if base_config is not None and "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["id2label"] = dict(base_config.id2label)
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _warn_on_newer_keys(saved_version: str | None, kwargs: dict[str, Any]) -> None:
+        known = set(PreTrainedConfig().to_dict()) | _TINYSAVER_KEYS | {"auto_map", "_name_or_path", "num_labels"}
+        unknown = sorted(key for key in kwargs if key not in known and not key.startswith("_"))
+        if unknown:
+            origin = f"hf_tinysaver {saved_version}" if saved_version else "another version of hf_tinysaver"
+            warnings.warn(
+                f"This TinySaver config was written by {origin} and has keys this version ({TINYSAVER_VERSION}) "
+                f"does not know: {unknown}. They are kept but ignored; upgrade hf_tinysaver to use them.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def relative_saver_macs(self) -> float | None:
+        """Saver MACs divided by base MACs (`s` in the paper), or `None` when either is unknown."""
+        if not self.saver_macs or not self.base_macs:
+            return None
+        return self.saver_macs / self.base_macs
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for key in ("saver_config", "base_config"):
+            if isinstance(output.get(key), PreTrainedConfig):
+                output[key] = output[key].to_dict()
+        output["tinysaver_version"] = TINYSAVER_VERSION
+        return output
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # Nested configs and the version stamp are always written in full, so a cascade reloads on its own.
+        output = super().to_diff_dict()
+        full = self.to_dict()
+        for key in ("saver_config", "base_config", "threshold", "confidence", "tinysaver_version"):
+            output[key] = full[key]
+        return output
+
+
+__all__ = ["TinySaverConfig", "TINYSAVER_VERSION", "CONFIDENCE_METRICS", "sub_config_from_dict"]
