@@ -11,11 +11,10 @@ from typing import Any
 
 from transformers import CONFIG_MAPPING, PreTrainedConfig
 
+from .confidence import CONFIDENCE_METRICS
 from .configuration_cifar_resnet import CifarResNetConfig
 
 TINYSAVER_VERSION = "0.1.0"
-
-from .confidence import CONFIDENCE_METRICS
 
 # Sub-model configs defined by this library (not in transformers' CONFIG_MAPPING when loaded as remote code).
 LOCAL_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {CifarResNetConfig.model_type: CifarResNetConfig}
