@@ -158,7 +158,11 @@ class TinySaverConfig(PreTrainedConfig):
 
     @staticmethod
     def _warn_on_newer_keys(saved_version: str | None, kwargs: dict[str, Any]) -> None:
-        known = set(PreTrainedConfig().to_dict()) | _TINYSAVER_KEYS | {"auto_map", "_name_or_path", "num_labels"}
+        known = (
+            set(PreTrainedConfig().to_dict())
+            | _TINYSAVER_KEYS
+            | {"auto_map", "_name_or_path", "name_or_path", "num_labels"}
+        )
         unknown = sorted(key for key in kwargs if key not in known and not key.startswith("_"))
         if unknown:
             origin = f"hf_tinysaver {saved_version}" if saved_version else "another version of hf_tinysaver"
