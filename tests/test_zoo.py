@@ -299,11 +299,11 @@ def test_cifar_resnet20_full_test_set_accuracy(cifar_test):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10-resnet32", "cifar10-resnet44", "cifar10-resnet56"])
 def test_cifar_resnet_subset_accuracy(name, cifar_test):
-    # The full test set is benchmarks/zoo_accuracy.py's job. 2,000 images (rows are in random order): 3 binomial
-    # standard deviations are about 2.5 points.
+    # The full test set is benchmarks/zoo_accuracy.py's job (ResNet-20 above checks the shared code exactly). 1,000
+    # images (rows are in random order): 3 binomial standard deviations are about 3.6 points.
     pixel_values, labels = cifar_test
-    top1 = 100 * (predict(load_zoo_model(name), pixel_values[:2000]) == labels[:2000]).mean()
-    assert top1 == pytest.approx(CIFAR_TOP1[name], abs=2.5)
+    top1 = 100 * (predict(load_zoo_model(name), pixel_values[:1000]) == labels[:1000]).mean()
+    assert top1 == pytest.approx(CIFAR_TOP1[name], abs=3.6)
 
 
 @pytest.fixture(scope="module")
@@ -314,13 +314,16 @@ def imagenet():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(EFFICIENTNET_TOP1))
-def test_efficientnet_lite_subset_accuracy(name, imagenet):
-    # 120 images: 3 binomial standard deviations are about 10 points; a wrong weight mapping scores near 0.
+@pytest.mark.parametrize(
+    ("name", "images"), [("efficientnet-lite0", 120), ("efficientnet-lite1", 50), ("efficientnet-lite2", 50)]
+)
+def test_efficientnet_lite_subset_accuracy(name, images, imagenet):
+    # The full set is benchmarks/zoo_accuracy.py's job. 3 binomial standard deviations: about 10 points for 120
+    # images, 16 for 50; a wrong weight mapping or preprocessing scores far lower.
     model = load_zoo_model(name)
-    pixel_values, labels = preprocess(imagenet.select(range(120)), model.config.preprocessing)
+    pixel_values, labels = preprocess(imagenet.select(range(images)), model.config.preprocessing)
     top1 = 100 * (predict(model, pixel_values, batch_size=50) == labels).mean()
-    assert top1 == pytest.approx(EFFICIENTNET_TOP1[name], abs=10)
+    assert top1 == pytest.approx(EFFICIENTNET_TOP1[name], abs=10 if images >= 120 else 16)
 
 
 def mobilenet_float_and_int8(name: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,12 +350,12 @@ def test_mobilenet_v1_025_full_set_matches_int8_interpreter(imagenet):
 @pytest.mark.slow
 @requires_shared(MOBILENET_WEIGHTS)
 @pytest.mark.parametrize(
-    ("name", "images"), [("mobilenet-v1-0.5-160", 300), ("mobilenet-v1-0.75-192", 200), ("mobilenet-v2-1.0-224", 120)]
+    ("name", "images"), [("mobilenet-v1-0.5-160", 200), ("mobilenet-v1-0.75-192", 150), ("mobilenet-v2-1.0-224", 100)]
 )
 def test_mobilenet_subset_agrees_with_int8_interpreter(name, images, imagenet):
     float_predictions, int8_predictions, labels = mobilenet_float_and_int8(name, imagenet.select(range(images)))
     assert (float_predictions == int8_predictions).mean() >= 0.90
-    assert 100 * (float_predictions == labels).mean() == pytest.approx(MOBILENET_INT8_TOP1[name], abs=10)
+    assert 100 * (float_predictions == labels).mean() == pytest.approx(MOBILENET_INT8_TOP1[name], abs=12)
 
 
 FRESH_PROCESS_SCRIPT = textwrap.dedent(
