@@ -410,3 +410,24 @@ def test_cifar_export_runs_without_hf_tinysaver(tmp_path):
         expected = model(**processor(images=example["image"], return_tensors="pt")).logits
     torch.testing.assert_close(out["logits"], expected, rtol=0, atol=0)
     assert out["top"][0]["label"] == model.config.id2label[int(expected.argmax())]
+
+
+@pytest.mark.slow
+@requires_shared(MOBILENET_WEIGHTS, IMAGENET_DATA)
+def test_cascade_of_zoo_models_saves_and_reloads(tmp_path, imagenet):
+    from hf_tinysaver import TinySaverForImageClassification
+
+    saver, base = load_zoo_model("mobilenet-v1-0.25-128"), load_zoo_model("efficientnet-lite0")
+    cascade = TinySaverForImageClassification.from_saver_and_base(saver, base, threshold=0.5)
+    assert (cascade.config.saver_macs, cascade.config.base_macs) == (saver.config.macs, base.config.macs)
+    assert cascade.config.base_preprocessing == base.config.preprocessing
+    cascade.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.saver_config.macs == saver.config.macs
+    assert reloaded.config.base_config.preprocessing == base.config.preprocessing
+
+    inputs = cascade.get_image_processor()(images=list(imagenet.select(range(8))["image"]), return_tensors="pt")
+    with torch.no_grad():
+        expected, actual = cascade(**inputs), reloaded(**inputs)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    assert torch.equal(actual.exited, expected.exited)
