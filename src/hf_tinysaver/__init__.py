@@ -1,7 +1,50 @@
-"""hf_tinysaver: TinySaver cascades (a tiny saver model answers the easy images) for Hugging Face classifiers."""
+"""hf_tinysaver: TinySaver cascades for Hugging Face image classifiers.
 
+A tiny *saver* classifier answers the images it is confident about; only the others reach the large *base* model
+(Wang et al., "Tiny Models are the Computational Saver for Large Models", arXiv 2403.17726).
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+from .confidence import CONFIDENCE_METRICS, compute_confidence
+from .configuration_cifar_resnet import CIFAR10_LABELS, CifarResNetConfig
 from .configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
+from .image_processing_tinysaver import (
+    TinySaverImageProcessor,
+    normalize_preprocessing,
+    preprocessing_from_image_processor,
+    preprocessing_from_timm,
+)
+from .modeling_cifar_resnet import CifarResNetForImageClassification
+from .modeling_tinysaver import TinySaverForImageClassification, TinySaverImageClassifierOutput
 
 __version__ = TINYSAVER_VERSION
 
-__all__ = ["TinySaverConfig", "__version__"]
+# Loading without remote code once hf_tinysaver is imported...
+AutoConfig.register(TinySaverConfig.model_type, TinySaverConfig, exist_ok=True)
+AutoModelForImageClassification.register(TinySaverConfig, TinySaverForImageClassification, exist_ok=True)
+AutoImageProcessor.register(TinySaverConfig, TinySaverImageProcessor, exist_ok=True)
+AutoConfig.register(CifarResNetConfig.model_type, CifarResNetConfig, exist_ok=True)
+AutoModelForImageClassification.register(CifarResNetConfig, CifarResNetForImageClassification, exist_ok=True)
+# ...and with it (`trust_remote_code=True`) where it is not installed: saved folders carry `auto_map` and the code.
+TinySaverConfig.register_for_auto_class()
+TinySaverForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+TinySaverImageProcessor.register_for_auto_class("AutoImageProcessor")
+CifarResNetConfig.register_for_auto_class()
+CifarResNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "CIFAR10_LABELS",
+    "CONFIDENCE_METRICS",
+    "CifarResNetConfig",
+    "CifarResNetForImageClassification",
+    "TinySaverConfig",
+    "TinySaverForImageClassification",
+    "TinySaverImageClassifierOutput",
+    "TinySaverImageProcessor",
+    "compute_confidence",
+    "normalize_preprocessing",
+    "preprocessing_from_image_processor",
+    "preprocessing_from_timm",
+    "__version__",
+]

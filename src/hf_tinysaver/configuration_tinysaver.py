@@ -25,7 +25,7 @@ _TINYSAVER_KEYS = {
     "base_config",
     "threshold",
     "confidence",
-    "temperature",
+    "confidence_temperature",
     "label_mapping",
     "saver_preprocessing",
     "base_preprocessing",
@@ -80,8 +80,9 @@ class TinySaverConfig(PreTrainedConfig):
         confidence (`str`, *optional*, defaults to `"max_prob"`):
             Confidence score of the saver: `"max_prob"` (the paper's maximum softmax probability), `"margin"` (top-1
             minus top-2 probability) or `"entropy"` (1 minus the normalised entropy of the softmax).
-        temperature (`float`, *optional*, defaults to 1.0):
+        confidence_temperature (`float`, *optional*, defaults to 1.0):
             Saver logits are divided by this value before the confidence is computed (it never changes predictions).
+            Not named `temperature`, which transformers reserves for generation.
         label_mapping (`list[int]`, *optional*):
             For savers with another label space: saver class `i` is base class `label_mapping[i]`.
         saver_preprocessing (`dict`, *optional*):
@@ -118,7 +119,7 @@ class TinySaverConfig(PreTrainedConfig):
         base_config: PreTrainedConfig | dict[str, Any] | None = None,
         threshold: float = 1.0,
         confidence: str = "max_prob",
-        temperature: float = 1.0,
+        confidence_temperature: float = 1.0,
         label_mapping: list[int] | None = None,
         saver_preprocessing: dict[str, Any] | None = None,
         base_preprocessing: dict[str, Any] | None = None,
@@ -134,14 +135,14 @@ class TinySaverConfig(PreTrainedConfig):
             base_config = sub_config_from_dict(base_config)
         if confidence not in CONFIDENCE_METRICS:
             raise ValueError(f"confidence must be one of {CONFIDENCE_METRICS}, got {confidence!r}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
+        if not confidence_temperature > 0:
+            raise ValueError(f"confidence_temperature must be positive, got {confidence_temperature}.")
 
         self.saver_config = saver_config
         self.base_config = base_config
         self.threshold = float(threshold)
         self.confidence = confidence
-        self.temperature = float(temperature)
+        self.confidence_temperature = float(confidence_temperature)
         self.label_mapping = list(label_mapping) if label_mapping is not None else None
         self.saver_preprocessing = saver_preprocessing
         self.base_preprocessing = base_preprocessing
@@ -157,7 +158,11 @@ class TinySaverConfig(PreTrainedConfig):
 
     @staticmethod
     def _warn_on_newer_keys(saved_version: str | None, kwargs: dict[str, Any]) -> None:
-        known = set(PreTrainedConfig().to_dict()) | _TINYSAVER_KEYS | {"auto_map", "_name_or_path", "num_labels"}
+        known = (
+            set(PreTrainedConfig().to_dict())
+            | _TINYSAVER_KEYS
+            | {"auto_map", "_name_or_path", "name_or_path", "num_labels"}
+        )
         unknown = sorted(key for key in kwargs if key not in known and not key.startswith("_"))
         if unknown:
             origin = f"hf_tinysaver {saved_version}" if saved_version else "another version of hf_tinysaver"

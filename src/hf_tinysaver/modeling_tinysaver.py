@@ -1,0 +1,443 @@
+"""TinySaver cascade model: a tiny saver classifier answers the images it is confident about, the base the rest.
+
+Implements TinySaver (Wang et al., "Tiny Models are the Computational Saver for Large Models", arXiv 2403.17726)
+as one transformers `PreTrainedModel` holding both classifiers, so a calibrated cascade saves, loads and serves like
+any other image classifier.
+
+Copied next to saved cascades as remote code: imports only torch, transformers and flat siblings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .confidence import compute_confidence
+from .configuration_tinysaver import TinySaverConfig
+from .image_processing_tinysaver import (
+    TinySaverImageProcessor,
+    normalize_preprocessing,
+    preprocessing_from_image_processor,
+    preprocessing_from_timm,
+)
+from .modeling_cifar_resnet import CifarResNetForImageClassification
+
+# Sub-model classes defined by this library, built directly so that remote code needs no Auto registration.
+LOCAL_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"cifar_resnet": CifarResNetForImageClassification}
+
+
+@dataclass
+class TinySaverImageClassifierOutput(ModelOutput):
+    """
+    Output of [`TinySaverForImageClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+            Cross-entropy of the cascade's logits.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            The saver's logits for rows that exited, the base model's logits for the others.
+        exited (`torch.BoolTensor` of shape `(batch_size,)`):
+            Whether each image was answered by the saver (and never reached the base).
+        saver_confidence (`torch.DoubleTensor` of shape `(batch_size,)`):
+            The saver's confidence on each image; an image exits when it is greater than the threshold.
+        saver_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            The saver's logits on every image, in the base's label space.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    exited: torch.BoolTensor | None = None
+    saver_confidence: torch.DoubleTensor | None = None
+    saver_logits: torch.FloatTensor | None = None
+
+
+def build_classifier(config: PreTrainedConfig) -> PreTrainedModel:
+    """Builds an image classifier (random weights) from its config, for any architecture a cascade can hold."""
+    if config.model_type in LOCAL_MODEL_CLASSES:
+        return LOCAL_MODEL_CLASSES[config.model_type](config)
+    return AutoModelForImageClassification.from_config(config)
+
+
+def check_label_spaces(
+    saver_config: PreTrainedConfig, base_config: PreTrainedConfig, label_mapping: list[int] | None = None
+) -> None:
+    """Raises a `ValueError` naming the difference when the saver's labels do not match the base's.
+
+    Args:
+        saver_config: Config of the saver (its `id2label` is compared).
+        base_config: Config of the base.
+        label_mapping: Optional explicit mapping, saver class `i` -> base class `label_mapping[i]`.
+    """
+    saver_labels = {int(k): str(v) for k, v in saver_config.id2label.items()}
+    base_labels = {int(k): str(v) for k, v in base_config.id2label.items()}
+    if label_mapping is not None:
+        if len(label_mapping) != len(saver_labels):
+            raise ValueError(
+                f"label_mapping has {len(label_mapping)} entries but the saver has {len(saver_labels)} labels; "
+                "give one base class index per saver class."
+            )
+        invalid = [index for index in label_mapping if not 0 <= int(index) < len(base_labels)]
+        if invalid:
+            raise ValueError(f"label_mapping points outside the base's {len(base_labels)} labels: {invalid[:5]}.")
+        if len(set(label_mapping)) != len(label_mapping):
+            raise ValueError("label_mapping maps two saver classes to the same base class; it must be one-to-one.")
+        return
+    if len(saver_labels) != len(base_labels):
+        raise ValueError(
+            f"The saver predicts {len(saver_labels)} labels but the base predicts {len(base_labels)}. Use a saver "
+            "trained on the base's label set, or pass `label_mapping` (saver class i -> base class index)."
+        )
+    differences = [
+        (i, saver_labels[i], base_labels.get(i)) for i in sorted(saver_labels) if saver_labels[i] != base_labels.get(i)
+    ]
+    if differences:
+        shown = ", ".join(f"{i}: saver {s!r} vs base {b!r}" for i, s, b in differences[:3])
+        raise ValueError(
+            f"The saver's and the base's label names differ at {len(differences)} of {len(base_labels)} indices "
+            f"({shown}{', ...' if len(differences) > 3 else ''}). If only the names differ, pass "
+            "`label_mapping=list(range(num_labels))`; otherwise pass the saver -> base index mapping."
+        )
+
+
+class TinySaverPreTrainedModel(PreTrainedModel):
+    config_class = TinySaverConfig
+    config: TinySaverConfig
+    base_model_prefix = "tinysaver"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Both sub-models are complete classifiers that initialise (or load) their own weights.
+        pass
+
+
+class TinySaverForImageClassification(TinySaverPreTrainedModel):
+    r"""
+    A TinySaver cascade: the saver runs on every image; images on which its confidence is greater than the threshold
+    exit with the saver's prediction; the others, gathered into one smaller batch, go to the base model, whose
+    prediction alone is then returned. The base never runs when every image exits.
+
+    Args:
+        config ([`TinySaverConfig`]):
+            Holds both sub-model configs, the threshold and the confidence metric.
+        saver (`PreTrainedModel`, *optional*):
+            An already built saver to use instead of building one from `config.saver_config`.
+        base (`PreTrainedModel`, *optional*):
+            An already built base model to use instead of building one from `config.base_config`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+    >>> from hf_tinysaver import TinySaverForImageClassification
+
+    >>> saver = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_efficientnet", num_labels=10))
+    >>> base = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_vit", num_labels=10))
+    >>> cascade = TinySaverForImageClassification.from_saver_and_base(saver, base, threshold=0.5).eval()
+    >>> outputs = cascade(pixel_values=torch.randn(4, 3, 160, 160))
+    >>> outputs.logits.shape, outputs.exited.shape
+    (torch.Size([4, 10]), torch.Size([4]))
+    ```
+    """
+
+    def __init__(
+        self, config: TinySaverConfig, saver: PreTrainedModel | None = None, base: PreTrainedModel | None = None
+    ):
+        super().__init__(config)
+        if config.saver_config is None or config.base_config is None:
+            raise ValueError(
+                "A TinySaverConfig needs both `saver_config` and `base_config`; build cascades with "
+                "`TinySaverForImageClassification.from_saver_and_base(saver, base)`."
+            )
+        check_label_spaces(config.saver_config, config.base_config, config.label_mapping)
+        self.saver = saver if saver is not None else build_classifier(config.saver_config)
+        self.base = base if base is not None else build_classifier(config.base_config)
+        if config.label_mapping is not None:
+            self.register_buffer(
+                "label_mapping_index", torch.tensor(config.label_mapping, dtype=torch.long), persistent=False
+            )
+        else:
+            self.label_mapping_index = None
+        self.post_init()
+
+    @classmethod
+    def from_saver_and_base(
+        cls,
+        saver: PreTrainedModel | str | os.PathLike,
+        base: PreTrainedModel | str | os.PathLike,
+        threshold: float = 1.0,
+        confidence: str = "max_prob",
+        temperature: float = 1.0,
+        label_mapping: list[int] | None = None,
+        saver_preprocessing: dict[str, Any] | None = None,
+        base_preprocessing: dict[str, Any] | None = None,
+        saver_macs: int | None = None,
+        base_macs: int | None = None,
+        **config_kwargs,
+    ) -> TinySaverForImageClassification:
+        r"""
+        Builds a cascade from a saver and a base classifier.
+
+        Args:
+            saver (`PreTrainedModel`, `str` or `os.PathLike`):
+                The tiny model: an image-classification model instance, a local `save_pretrained` folder, a Hub id
+                (timm ids such as `timm/mobilenetv3_small_100.lamb_in1k` load through TimmWrapper) or a zoo name
+                (`hf_tinysaver.zoo`).
+            base (`PreTrainedModel`, `str` or `os.PathLike`):
+                The large model, in any of the same forms.
+            threshold (`float`, *optional*, defaults to 1.0):
+                Images whose saver confidence is greater than this exit at the saver.
+            confidence (`str`, *optional*, defaults to `"max_prob"`):
+                `"max_prob"`, `"margin"` or `"entropy"`.
+            temperature (`float`, *optional*, defaults to 1.0):
+                Temperature applied to the saver's logits before the confidence is computed.
+            label_mapping (`list[int]`, *optional*):
+                Saver class `i` -> base class `label_mapping[i]`, for savers with another label order or subset.
+            saver_preprocessing (`dict`, *optional*):
+                The saver's preprocessing spec. Found automatically for timm models, zoo models and folders or Hub
+                ids with an image processor; required for bare transformers model instances.
+            base_preprocessing (`dict`, *optional*):
+                The same for the base.
+            saver_macs (`int`, *optional*):
+                The saver's MACs per image; counted when not given and not recorded in its config.
+            base_macs (`int`, *optional*):
+                The base's MACs per image; likewise.
+            config_kwargs:
+                Further [`TinySaverConfig`] attributes, e.g. `calibration`.
+
+        Returns:
+            [`TinySaverForImageClassification`]: The cascade, in eval mode when both sub-models were.
+        """
+        saver_model = load_classifier(saver)
+        base_model = load_classifier(base)
+        saver_preprocessing = saver_preprocessing or find_preprocessing(saver_model, saver, role="saver")
+        base_preprocessing = base_preprocessing or find_preprocessing(base_model, base, role="base")
+        if saver_macs is None:
+            saver_macs = find_macs(saver_model, saver_preprocessing)
+        if base_macs is None:
+            base_macs = find_macs(base_model, base_preprocessing)
+        config = TinySaverConfig(
+            saver_config=saver_model.config,
+            base_config=base_model.config,
+            threshold=threshold,
+            confidence=confidence,
+            confidence_temperature=temperature,
+            label_mapping=label_mapping,
+            saver_preprocessing=saver_preprocessing,
+            base_preprocessing=base_preprocessing,
+            saver_macs=saver_macs,
+            base_macs=base_macs,
+            **config_kwargs,
+        )
+        model = cls(config, saver=saver_model, base=base_model)
+        return model.train(saver_model.training or base_model.training)
+
+    def get_image_processor(self) -> TinySaverImageProcessor:
+        """Returns the processor that prepares raw images for this cascade (each sub-model its own way)."""
+        if self.config.saver_preprocessing is None:
+            raise ValueError(
+                "This cascade has no preprocessing recorded; rebuild it with `from_saver_and_base(..., "
+                "saver_preprocessing=..., base_preprocessing=...)`."
+            )
+        return TinySaverImageProcessor(
+            preprocessing=self.config.saver_preprocessing, base_preprocessing=self.config.base_preprocessing
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Saves the cascade (config, both sub-models in one `model.safetensors`, remote code) and its processor."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.config.saver_preprocessing is not None and (kwargs.get("is_main_process", True)):
+            self.get_image_processor().save_pretrained(save_directory)
+
+    def optimize_for_inference(self, channels_last: bool = True) -> TinySaverForImageClassification:
+        """Prepares the cascade for serving: eval mode and, for convolutional sub-models, channels-last weights.
+
+        On CPU, oneDNN convolutions run faster in channels-last layout, and most so at the small sub-batches the base
+        receives after the confident images have exited (measured in `benchmarks/`). Predictions are unchanged up to
+        float rounding; `save_pretrained` still writes ordinary contiguous weights.
+
+        Args:
+            channels_last: Convert 4-D weights to `torch.channels_last` memory format.
+
+        Returns:
+            The cascade itself.
+        """
+        self.eval()
+        if channels_last:
+            for sub_model in (self.saver, self.base):
+                if any(isinstance(module, nn.Conv2d) for module in sub_model.modules()):
+                    sub_model.to(memory_format=torch.channels_last)
+        return self
+
+    def _needs_base_pixel_values(self) -> bool:
+        saver_spec, base_spec = self.config.saver_preprocessing, self.config.base_preprocessing
+        if saver_spec is None or base_spec is None:
+            return False
+        return normalize_preprocessing(saver_spec) != normalize_preprocessing(base_spec)
+
+    def saver_logits_in_base_space(self, saver_logits: torch.Tensor) -> torch.Tensor:
+        """Puts the saver's logits in the base's label order (identity without `label_mapping`)."""
+        if self.label_mapping_index is None:
+            return saver_logits
+        mapped = saver_logits.new_full((saver_logits.shape[0], self.config.num_labels), float("-inf"))
+        return mapped.index_copy(1, self.label_mapping_index, saver_logits)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        base_pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        threshold: float | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TinySaverImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, channels, height, width)`):
+                Images prepared for the saver (`TinySaverImageProcessor` output).
+            base_pixel_values (`torch.FloatTensor`, *optional*):
+                The same images prepared for the base. Required when the two sub-models' preprocessing differ;
+                otherwise `pixel_values` serves both.
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices; the cross-entropy of the cascade's logits is returned as `loss`.
+            threshold (`float`, *optional*):
+                Overrides `config.threshold` for this call.
+            return_dict (`bool`, *optional*):
+                Return a [`TinySaverImageClassifierOutput`] (default) or a tuple.
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required; prepare images with TinySaverImageProcessor.")
+        if base_pixel_values is None and self._needs_base_pixel_values():
+            raise ValueError(
+                "This cascade's saver and base use different preprocessing, so `base_pixel_values` is required. "
+                "Prepare images with `TinySaverImageProcessor` (`cascade.get_image_processor()`), which returns both."
+            )
+        if base_pixel_values is not None and base_pixel_values.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} images but base_pixel_values has {base_pixel_values.shape[0]}."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        threshold = self.config.threshold if threshold is None else float(threshold)
+
+        raw_saver_logits = self.saver(pixel_values=pixel_values).logits
+        saver_confidence = compute_confidence(
+            raw_saver_logits, self.config.confidence, self.config.confidence_temperature
+        )
+        saver_logits = self.saver_logits_in_base_space(raw_saver_logits)
+        exited = saver_confidence > threshold
+
+        logits = saver_logits
+        remaining = torch.nonzero(~exited, as_tuple=True)[0]
+        if remaining.numel() > 0:
+            base_inputs = base_pixel_values if base_pixel_values is not None else pixel_values
+            if remaining.numel() < base_inputs.shape[0]:
+                base_inputs = base_inputs.index_select(0, remaining)
+            base_logits = self.base(pixel_values=base_inputs).logits
+            if remaining.numel() == exited.shape[0]:
+                logits = base_logits
+            else:
+                logits = saver_logits.index_copy(0, remaining, base_logits.to(saver_logits.dtype))
+
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+
+        if not return_dict:
+            output = (logits, exited, saver_confidence, saver_logits)
+            return ((loss,) + output) if loss is not None else output
+        return TinySaverImageClassifierOutput(
+            loss=loss, logits=logits, exited=exited, saver_confidence=saver_confidence, saver_logits=saver_logits
+        )
+
+
+def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> PreTrainedModel:
+    """Returns an image classifier given as an instance, a local folder, a Hub id or a zoo name."""
+    if isinstance(model, PreTrainedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return wrap_timm_model(model)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"Expected a model instance, a folder or a Hub id, got {type(model).__name__}.")
+    name = str(model)
+    if not os.path.isdir(name):
+        try:
+            from hf_tinysaver.zoo import ZOO, load_zoo_model
+        except ImportError:
+            ZOO = {}
+        if name in ZOO:
+            return load_zoo_model(name)
+    return AutoModelForImageClassification.from_pretrained(name)
+
+
+def wrap_timm_model(model: nn.Module) -> PreTrainedModel:
+    """Wraps a plain timm classifier in `TimmWrapperForImageClassification`, keeping its weights."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    architecture = pretrained_cfg.get("architecture")
+    if architecture is None or not hasattr(model, "num_classes"):
+        raise TypeError(
+            "Plain nn.Modules must be timm classifiers (created with timm.create_model); wrap other models in a "
+            "transformers PreTrainedModel first."
+        )
+    config = TimmWrapperConfig(architecture=architecture, num_labels=model.num_classes, pretrained_cfg=pretrained_cfg)
+    wrapper = TimmWrapperForImageClassification(config)
+    wrapper.timm_model.load_state_dict(model.state_dict())
+    return wrapper.train(model.training)
+
+
+def find_preprocessing(model: PreTrainedModel, source: Any, role: str) -> dict[str, Any]:
+    """Finds the preprocessing a classifier expects: recorded in its config, saved beside it, or timm's own."""
+    recorded = getattr(model.config, "preprocessing", None)
+    if recorded:
+        return normalize_preprocessing(recorded)
+    if isinstance(source, (str, os.PathLike)):
+        from transformers import AutoImageProcessor
+
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
+        except (OSError, ValueError, TypeError):
+            image_processor = None
+        if isinstance(image_processor, TinySaverImageProcessor):
+            return image_processor.preprocessing
+        if image_processor is not None and not hasattr(image_processor, "val_transforms"):
+            return preprocessing_from_image_processor(image_processor)
+    if hasattr(model, "timm_model"):
+        return preprocessing_from_timm(model)
+    raise ValueError(
+        f"Cannot tell how the {role} preprocesses images. Pass `{role}_preprocessing=` to from_saver_and_base, e.g. "
+        f"`preprocessing_from_image_processor(AutoImageProcessor.from_pretrained(<{role} id>))`."
+    )
+
+
+def find_macs(model: PreTrainedModel, preprocessing: dict[str, Any]) -> int | None:
+    """Returns the MACs per image recorded in the model's config, or counts them when hf_tinysaver is installed."""
+    recorded = getattr(model.config, "macs", None)
+    if recorded:
+        return int(recorded)
+    try:
+        from hf_tinysaver.flops import count_macs
+    except ImportError:
+        return None
+    return count_macs(model, tuple(preprocessing["input_size"]))
+
+
+__all__ = [
+    "TinySaverForImageClassification",
+    "TinySaverPreTrainedModel",
+    "TinySaverImageClassifierOutput",
+    "build_classifier",
+    "check_label_spaces",
+    "load_classifier",
+]

@@ -1,0 +1,331 @@
+"""The cascade model through its public API: construction, forward semantics, preprocessing, labels."""
+
+from __future__ import annotations
+
+import pytest
+import timm.data
+import torch
+
+from conftest import random_images
+from hf_tinysaver import (
+    TinySaverConfig,
+    TinySaverForImageClassification,
+    TinySaverImageProcessor,
+    preprocessing_from_timm,
+)
+from tiny_models import LABELS, timm_classifier, tiny_resnet, tiny_vit, tiny_vit_preprocessing, tiny_vit_processor
+
+
+@pytest.fixture(scope="module")
+def timm_pair():
+    saver = timm_classifier("test_efficientnet", seed=0)
+    base = timm_classifier("test_resnet", seed=1)
+    return saver, base
+
+
+@pytest.fixture(scope="module")
+def mixed_pair():
+    return timm_classifier("test_efficientnet", seed=0), tiny_vit(image_size=32)
+
+
+def build(saver, base, **kwargs):
+    base_preprocessing = tiny_vit_preprocessing(32) if base.config.model_type == "vit" else None
+    return TinySaverForImageClassification.from_saver_and_base(
+        saver, base, base_preprocessing=base_preprocessing, **kwargs
+    )
+
+
+def standalone_timm_logits(model, images):
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model.timm_model))
+    with torch.no_grad():
+        return model(pixel_values=torch.stack([transform(image) for image in images])).logits
+
+
+def standalone_vit_logits(model, images, image_size=32):
+    inputs = tiny_vit_processor(image_size)(images=images, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_timm_pair_matches_standalone_models_on_their_own_preprocessing(timm_pair, images):
+    saver, base = timm_pair
+    cascade = build(saver, base)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    assert set(inputs) == {"pixel_values", "base_pixel_values"}  # bicubic/ImageNet stats vs bilinear/0.5
+
+    with torch.no_grad():
+        all_base = cascade(**inputs, threshold=float("inf"))
+        all_saver = cascade(**inputs, threshold=-1.0)
+    torch.testing.assert_close(all_base.logits, standalone_timm_logits(base, images), atol=1e-4, rtol=0)
+    torch.testing.assert_close(all_saver.logits, standalone_timm_logits(saver, images), atol=1e-4, rtol=0)
+
+
+def test_timm_saver_transformers_base_matches_standalone(mixed_pair, images):
+    saver, base = mixed_pair
+    cascade = build(saver, base)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    assert inputs["pixel_values"].shape[-1] == 160 and inputs["base_pixel_values"].shape[-1] == 32
+
+    with torch.no_grad():
+        all_base = cascade(**inputs, threshold=2.0)
+        all_saver = cascade(**inputs, threshold=-1.0)
+    torch.testing.assert_close(all_base.logits, standalone_vit_logits(base, images), atol=1e-4, rtol=0)
+    torch.testing.assert_close(all_saver.logits, standalone_timm_logits(saver, images), atol=1e-4, rtol=0)
+
+
+def test_no_exit_gives_exactly_base_logits_and_all_exit_exactly_saver_logits(mixed_pair, images):
+    saver, base = mixed_pair
+    cascade = build(saver, base)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(pixel_values=inputs["base_pixel_values"]).logits
+        saver_logits = saver(pixel_values=inputs["pixel_values"]).logits
+        no_exit = cascade(**inputs, threshold=1.0)
+        all_exit = cascade(**inputs, threshold=0.0)
+    assert not no_exit.exited.any() and all_exit.exited.all()
+    assert torch.equal(no_exit.logits, base_logits)
+    assert torch.equal(all_exit.logits, saver_logits)
+
+
+class CallRecorder:
+    """Counts the forward calls of a sub-model and the batch sizes it saw."""
+
+    def __init__(self, module):
+        self.batch_sizes = []
+        self.handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        self.batch_sizes.append(pixel_values.shape[0])
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_mixed_batch_sends_only_remaining_rows_to_base_in_one_call(mixed_pair, images):
+    saver, base = mixed_pair
+    cascade = build(saver, base)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        confidence = cascade(**inputs, threshold=0.0).saver_confidence
+    threshold = float(confidence.median())
+    recorder = CallRecorder(cascade.base)
+    try:
+        with torch.no_grad():
+            outputs = cascade(**inputs, threshold=threshold)
+    finally:
+        recorder.remove()
+    exited = confidence > threshold
+    assert torch.equal(outputs.exited, exited)
+    assert 0 < int(exited.sum()) < len(images)
+    assert recorder.batch_sizes == [int((~exited).sum())]
+
+    with torch.no_grad():
+        base_logits = base(pixel_values=inputs["base_pixel_values"]).logits
+        saver_logits = saver(pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(outputs.logits[exited], saver_logits[exited], atol=0, rtol=0)
+    torch.testing.assert_close(outputs.logits[~exited], base_logits[~exited], atol=1e-5, rtol=0)
+
+
+def test_base_never_runs_when_every_row_exits(mixed_pair, images):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    recorder = CallRecorder(cascade.base)
+    try:
+        with torch.no_grad():
+            outputs = cascade(**inputs, threshold=0.0)
+    finally:
+        recorder.remove()
+    assert outputs.exited.all()
+    assert recorder.batch_sizes == []
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_batch_size_one(mixed_pair, threshold):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=random_images(1), return_tensors="pt")
+    with torch.no_grad():
+        outputs = cascade(**inputs, threshold=threshold)
+    assert outputs.logits.shape == (1, 10)
+    assert outputs.exited.tolist() == [threshold == 0.0]
+
+
+def test_config_threshold_is_used_and_call_threshold_overrides_it(mixed_pair, images):
+    cascade = build(*mixed_pair, threshold=0.0)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        assert cascade(**inputs).exited.all()
+        assert not cascade(**inputs, threshold=1.0).exited.any()
+    assert cascade.config.threshold == 0.0
+
+
+def test_loss_is_cross_entropy_of_cascade_logits(mixed_pair, images):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    labels = torch.arange(len(images)) % 10
+    with torch.no_grad():
+        outputs = cascade(**inputs, labels=labels, threshold=0.5)
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.cross_entropy(outputs.logits, labels))
+
+
+def test_return_dict_false_gives_tuple(mixed_pair, images):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=images[:2], return_tensors="pt")
+    with torch.no_grad():
+        logits, exited, confidence, saver_logits = cascade(**inputs, return_dict=False)
+    assert logits.shape == saver_logits.shape == (2, 10) and exited.shape == confidence.shape == (2,)
+
+
+def test_missing_base_pixel_values_is_a_clear_error(mixed_pair, images):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with pytest.raises(ValueError, match="base_pixel_values"):
+        cascade(pixel_values=inputs["pixel_values"])
+
+
+def test_shared_preprocessing_needs_one_tensor(images):
+    saver = timm_classifier("test_vit", seed=3)
+    base = timm_classifier("test_convnext", seed=4)  # same data config as test_vit
+    cascade = TinySaverForImageClassification.from_saver_and_base(saver, base)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    assert set(inputs) == {"pixel_values"}
+    with torch.no_grad():
+        outputs = cascade(**inputs, threshold=1.0)
+    torch.testing.assert_close(outputs.logits, standalone_timm_logits(base, images), atol=1e-4, rtol=0)
+
+
+def test_transformers_resnet_base(images):
+    from transformers import ConvNextImageProcessor
+
+    from hf_tinysaver import preprocessing_from_image_processor
+
+    base = tiny_resnet()
+    processor = ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
+    cascade = TinySaverForImageClassification.from_saver_and_base(
+        timm_classifier(), base, base_preprocessing=preprocessing_from_image_processor(processor)
+    )
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        outputs = cascade(**inputs, threshold=1.0)
+        expected = base(**processor(images=images, return_tensors="pt")).logits
+    torch.testing.assert_close(outputs.logits, expected, atol=1e-4, rtol=0)
+
+
+def test_mismatched_label_count_is_rejected_at_construction():
+    saver = timm_classifier(labels={i: f"class_{i}" for i in range(5)})
+    with pytest.raises(ValueError, match="saver predicts 5 labels but the base predicts 10"):
+        TinySaverForImageClassification.from_saver_and_base(saver, timm_classifier("test_resnet"))
+
+
+def test_mismatched_label_names_are_named_in_the_error():
+    other = dict(LABELS)
+    other[3] = "cat"
+    with pytest.raises(ValueError, match=r"differ at 1 of 10 indices \(3: saver 'cat' vs base 'class_3'\)"):
+        TinySaverForImageClassification.from_saver_and_base(
+            timm_classifier(labels=other), timm_classifier("test_resnet")
+        )
+
+
+def test_label_mapping_reorders_saver_logits_into_base_space(images):
+    reversed_labels = {i: LABELS[9 - i] for i in range(10)}
+    saver = timm_classifier(labels=reversed_labels)
+    mapping = list(range(9, -1, -1))
+    cascade = TinySaverForImageClassification.from_saver_and_base(
+        saver, timm_classifier("test_resnet"), label_mapping=mapping
+    )
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        outputs = cascade(**inputs, threshold=0.0)
+        raw = saver(pixel_values=inputs["pixel_values"]).logits
+    assert torch.equal(outputs.logits, raw.flip(-1))
+    with pytest.raises(ValueError, match="one-to-one"):
+        TinySaverForImageClassification.from_saver_and_base(
+            saver, timm_classifier("test_resnet"), label_mapping=[0] * 10
+        )
+
+
+def test_transformers_model_without_known_preprocessing_asks_for_it():
+    with pytest.raises(ValueError, match="base_preprocessing="):
+        TinySaverForImageClassification.from_saver_and_base(timm_classifier(), tiny_vit())
+
+
+@pytest.mark.parametrize("metric", ["max_prob", "margin", "entropy"])
+def test_confidence_metrics_and_temperature(mixed_pair, images, metric):
+    saver, base = mixed_pair
+    cascade = build(saver, base, confidence=metric, temperature=2.0)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        outputs = cascade(**inputs)
+        probs = torch.softmax(saver(pixel_values=inputs["pixel_values"]).logits.double() / 2.0, -1)
+    top2 = probs.topk(2, -1).values
+    expected = {
+        "max_prob": top2[:, 0],
+        "margin": top2[:, 0] - top2[:, 1],
+        "entropy": 1 + (probs * probs.log()).sum(-1) / torch.log(torch.tensor(10.0, dtype=torch.float64)),
+    }[metric]
+    torch.testing.assert_close(outputs.saver_confidence, expected)
+
+
+def test_config_records_preprocessing_labels_and_version(mixed_pair):
+    cascade = build(*mixed_pair, threshold=0.7)
+    config = cascade.config
+    assert config.id2label == mixed_pair[1].config.id2label
+    assert config.saver_preprocessing == preprocessing_from_timm(mixed_pair[0])
+    assert config.base_preprocessing["input_size"] == [3, 32, 32]
+    saved = config.to_dict()
+    assert saved["tinysaver_version"] == __import__("hf_tinysaver").__version__
+    assert saved["saver_config"]["model_type"] == "timm_wrapper" and saved["base_config"]["model_type"] == "vit"
+
+
+def test_config_from_newer_version_warns_on_unknown_keys_and_loads(mixed_pair):
+    saved = build(*mixed_pair).config.to_dict()
+    saved.update(tinysaver_version="9.0.0", exit_policy="future-feature")
+    with pytest.warns(UserWarning, match=r"written by hf_tinysaver 9.0.0 .*\['exit_policy'\]"):
+        config = TinySaverConfig.from_dict(saved)
+    assert config.saver_config.num_labels == 10 and config.threshold == saved["threshold"]
+
+
+def test_invalid_confidence_metric():
+    with pytest.raises(ValueError, match="confidence must be one of"):
+        TinySaverConfig(confidence="softmax")
+
+
+def test_processor_handles_grayscale_rgba_and_arrays():
+    import numpy as np
+    from PIL import Image
+
+    processor = TinySaverImageProcessor(preprocessing={"input_size": [3, 24, 24], "resize": "fixed"})
+    gray = Image.new("L", (30, 20), 128)
+    rgba = Image.new("RGBA", (30, 20), (255, 0, 0, 0))
+    array = np.full((20, 30, 3), 128, dtype=np.uint8)
+    values = processor(images=[gray, rgba, array], return_tensors="pt")["pixel_values"]
+    assert values.shape == (3, 3, 24, 24)
+    torch.testing.assert_close(values[0], values[2])
+    with pytest.raises(ValueError, match="uint8"):
+        processor(images=np.zeros((4, 4, 3), dtype=np.float32))
+
+
+def test_optimize_for_inference_keeps_outputs_and_saves_plain_weights(mixed_pair, images, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        expected = cascade(**inputs, threshold=0.5)
+    cascade.train().optimize_for_inference()
+    assert not cascade.training
+    conv_weight = next(
+        m.weight for m in cascade.saver.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1
+    )
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        actual = cascade(**inputs, threshold=0.5)
+    assert torch.equal(actual.exited, expected.exited)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=0)
+    cascade.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)(**inputs, threshold=0.5)
+    torch.testing.assert_close(reloaded.logits, expected.logits, atol=1e-4, rtol=0)
+    # Restore the shared fixture's layout for the other tests.
+    for sub_model in (cascade.saver, cascade.base):
+        sub_model.to(memory_format=torch.contiguous_format)
