@@ -260,6 +260,14 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         if self.config.saver_preprocessing is not None and (kwargs.get("is_main_process", True)):
             self.get_image_processor().save_pretrained(save_directory)
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Uploads the cascade, its processor and remote code with a generated model card (`hf_tinysaver.hub`)."""
+        try:
+            from hf_tinysaver.hub import push_cascade
+        except ImportError:  # loaded as remote code where hf_tinysaver is not installed: the standard upload
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_cascade(self, repo_id, **kwargs)
+
     def optimize_for_inference(self, channels_last: bool = True) -> TinySaverForImageClassification:
         """Prepares the cascade for serving: eval mode and, for convolutional sub-models, channels-last weights.
 
