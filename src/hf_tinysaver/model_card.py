@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -453,6 +454,10 @@ class TinySaverModelCardData(ModelCardData):
             rows.append(("Accuracy change vs. the base model", f"{100 * (accuracy - base_accuracy):+.2f} points"))
         if _is_number(record.get("saver_accuracy")):
             rows.append(("Accuracy of the saver alone", _percent(record["saver_accuracy"])))
+        if _is_number(record.get("agreement")):
+            rows.append(("Agreement with the base model's predictions", _percent(record["agreement"])))
+        if _is_number(record.get("confidence_level")):
+            rows.append(("Confidence level of the accuracy guarantee", f"{record['confidence_level']:g}"))
         if _is_number(record.get("relative_macs")):
             relative = record["relative_macs"]
             rows.append(("Relative MACs (cascade / base model)", f"{relative:.3f} ({100 * (relative - 1):+.1f} %)"))
@@ -506,6 +511,20 @@ class TinySaverModelCardData(ModelCardData):
         return yaml_dump(self.to_front_matter(), sort_keys=False, line_break=line_break).strip()
 
 
+def save_model_card(card: ModelCard, path: str | os.PathLike) -> Path:
+    """Writes a rendered card to `path` atomically (a reader never sees a half-written file).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent, delete=False) as tmp:
+        tmp.write(str(card))
+    os.replace(tmp.name, path)
+    return path
+
+
 def generate_model_card(
     config: TinySaverConfig, card_data: TinySaverModelCardData | None = None, **card_fields
 ) -> ModelCard:
@@ -548,5 +567,6 @@ __all__ = [
     "generate_model_card",
     "hub_dataset_id",
     "hub_model_id",
+    "save_model_card",
     "stricter_license",
 ]
