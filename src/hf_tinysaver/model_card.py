@@ -370,10 +370,9 @@ class TinySaverModelCardData(ModelCardData):
             values[f"{role}_license"] = license_id
         dataset = calibration.get("dataset") if isinstance(calibration.get("dataset"), str) else None
         values["dataset_id"] = hub_dataset_id(dataset)
-        values["dataset_type"] = os.path.basename(dataset.rstrip("/\\")) if dataset else None
-        values["dataset_name"] = _local_dataset_pretty_name(dataset) or (
-            os.path.basename(dataset.rstrip("/\\")) if dataset else None
-        )
+        if values["dataset_id"] is None and dataset:
+            values["dataset_type"] = os.path.basename(dataset.rstrip("/\\"))
+            values["dataset_name"] = _local_dataset_pretty_name(dataset) or values["dataset_type"]
         plot = calibration.get("plot")
         values["plot_file"] = os.path.basename(plot) if isinstance(plot, str) and plot else None
         unknown = set(overrides) - {item.name for item in fields(cls) if item.init}
