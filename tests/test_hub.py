@@ -380,3 +380,14 @@ def test_fake_hub_rejects_inline_binaries_and_unknown_lfs_objects(fake_hub, hub_
         response = httpx2.post(url, content=body.encode(), headers=headers)
         assert response.status_code == status and message in response.json()["error"], response.text
     assert [c.title for c in fake_hub.commits("tester/raw")] == ["initial commit"]
+
+
+def test_create_pr_commits_to_a_pull_request_ref_and_leaves_main(fake_hub, hub_env, pushed):
+    head = fake_hub.commits(REPO_ID)[0].oid
+    edited = make_cascade(threshold=0.7)
+    commit = push_cascade(edited, REPO_ID, create_pr=True, plot=pushed["folder"] / "tradeoff.png")
+    assert commit.pr_url == f"{fake_hub.endpoint}/{REPO_ID}/discussions/1"
+    assert fake_hub.commits(REPO_ID)[0].oid == head
+    assert fake_hub.commits(REPO_ID, revision="refs/pr/1")[0].parent == head
+    config = json.loads(Path(hf_hub_download(REPO_ID, "config.json", revision="refs/pr/1")).read_text())
+    assert config["threshold"] == 0.7
