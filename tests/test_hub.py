@@ -371,8 +371,10 @@ def test_fake_hub_rejects_inline_binaries_and_unknown_lfs_objects(fake_hub, hub_
     api.create_repo("tester/raw")
     headers = {"Authorization": f"Bearer {DEFAULT_TOKEN}", "Content-Type": "application/x-ndjson"}
     header = {"key": "header", "value": {"summary": "raw"}}
-    inline = {"key": "file", "value": {"path": "w.safetensors", "encoding": "base64",
-                                       "content": base64.b64encode(b"\0weights").decode()}}  # fmt: skip
+    inline = {
+        "key": "file",
+        "value": {"path": "w.safetensors", "encoding": "base64", "content": base64.b64encode(b"\0weights").decode()},
+    }
     missing = {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 8}}
     url = f"{fake_hub.endpoint}/api/models/tester/raw/commit/main"
     for operation, status, message in ((inline, 400, "upload it with Git LFS"), (missing, 422, "was not uploaded")):

@@ -54,7 +54,7 @@ _LICENSE_STRICTNESS = {
             "c-uda",
         ),
         3,
-    ),  # fmt: skip
+    ),
     **dict.fromkeys(
         (
             "lgpl",
@@ -72,7 +72,7 @@ _LICENSE_STRICTNESS = {
             "eupl-1.2",
         ),
         4,
-    ),  # fmt: skip
+    ),
     **dict.fromkeys(("gpl", "gpl-2.0", "gpl-3.0", "osl-3.0", "agpl-3.0", "gfdl"), 5),
     **dict.fromkeys(
         (
@@ -103,7 +103,7 @@ _LICENSE_STRICTNESS = {
             "intel-research",
         ),
         6,
-    ),  # fmt: skip
+    ),
 }
 _CUSTOM_LICENSE_STRICTNESS = 7
 

@@ -587,8 +587,11 @@ class FakeHub:
 
     def _paths_info(self, headers, repo_type, repo_id, revision, form: dict[str, list[str]]) -> _Response:
         commit = self._commit_at(self._readable_repo(headers, repo_type, repo_id), revision)
-        folders = {"/".join(entry.path.split("/")[:depth]) for entry in commit.files.values()
-                   for depth in range(1, entry.path.count("/") + 1)}  # fmt: skip
+        folders = {
+            "/".join(entry.path.split("/")[:depth])
+            for entry in commit.files.values()
+            for depth in range(1, entry.path.count("/") + 1)
+        }
         result = []
         for path in form.get("paths", []):
             path = path.strip("/")
@@ -616,10 +619,15 @@ class FakeHub:
         repo = self._readable_repo(headers, repo_type, repo_id)
         self._commit_at(repo, revision)
         history = [
-            {"id": commit.oid, "title": commit.title, "message": commit.message, "date": commit.date,
-             "authors": [{"user": commit.author}]}
+            {
+                "id": commit.oid,
+                "title": commit.title,
+                "message": commit.message,
+                "date": commit.date,
+                "authors": [{"user": commit.author}],
+            }
             for commit in repo.history(revision)
-        ]  # fmt: skip
+        ]
         return _Response.json(200, history)
 
     def _writable_repo(self, headers, repo_type, repo_id, what: str) -> Repo:
@@ -729,8 +737,13 @@ class FakeHub:
         for item in payload.get("objects") or []:
             oid, size = str(item.get("oid", "")), item.get("size")
             if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or size < 0:
-                objects.append({"oid": oid, "size": size if isinstance(size, int) else -1,
-                                "error": {"code": 422, "message": "Invalid oid or size."}})  # fmt: skip
+                objects.append(
+                    {
+                        "oid": oid,
+                        "size": size if isinstance(size, int) else -1,
+                        "error": {"code": 422, "message": "Invalid oid or size."},
+                    }
+                )
             elif size > self.max_request_bytes:
                 objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "Object too large."}})
             elif self._lfs_sizes.get(oid) == size:
