@@ -214,30 +214,29 @@ def cached_zoo_folder(name: str, assets: str | os.PathLike | None = None) -> Pat
 
 def export_zoo_model(name: str, out_dir: str | os.PathLike, assets: str | os.PathLike | None = None) -> Path:
     """Writes a zoo model as a `save_pretrained` folder: safetensors weights, a config with its label names, its MACs
-        per image (`macs`) and its preprocessing spec (`preprocessing`), and a `TinySaverImageProcessor` applying that
-        preprocessing. The result is deterministic and cached: a second call copies the cached files.
+    per image (`macs`) and its preprocessing spec (`preprocessing`), and a `TinySaverImageProcessor` applying that
+    preprocessing. The result is deterministic and cached: a second call copies the cached files.
 
-        Args:
-            name: A name from `ZOO`, e.g. `"cifar10-resnet20"` or `"mobilenet-v1-0.25-128"`.
-            out_dir: The folder to write (created if needed; files of the same names are replaced).
-            assets: The assets folder; defaults to [`resolve_assets`]'s search.
+    Args:
+        name: A name from `ZOO`, e.g. `"cifar10-resnet20"` or `"mobilenet-v1-0.25-128"`.
+        out_dir: The folder to write (created if needed; files of the same names are replaced).
+        assets: The assets folder; defaults to [`resolve_assets`]'s search.
 
-        Returns:
-            `out_dir` as a `Path`.
+    Returns:
+        `out_dir` as a `Path`.
 
-        Example:
+    Example:
 
-        ```python
-        >>> import tempfile
-    import uuid
-        >>> from transformers import AutoModelForImageClassification
-        >>> from hf_tinysaver.zoo import export_zoo_model
+    ```python
+    >>> import tempfile
+    >>> from transformers import AutoModelForImageClassification
+    >>> from hf_tinysaver.zoo import export_zoo_model
 
-        >>> folder = export_zoo_model("cifar10-resnet20", tempfile.mkdtemp())
-        >>> model = AutoModelForImageClassification.from_pretrained(folder)
-        >>> model.config.id2label[0], round(model.config.macs / 1e6)
-        ('airplane', 41)
-        ```
+    >>> folder = export_zoo_model("cifar10-resnet20", tempfile.mkdtemp())
+    >>> model = AutoModelForImageClassification.from_pretrained(folder)
+    >>> model.config.id2label[0], round(model.config.macs / 1e6)
+    ('airplane', 41)
+    ```
     """
     source = cached_zoo_folder(name, assets)
     out_dir = Path(out_dir)
