@@ -462,3 +462,17 @@ def test_docstring_examples_run():
         test = parser.get_doctest(text, {}, name, None, 0)
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_count_bisection_matches_direct_bounds():
+    n, level = 200, 0.99
+    counts = np.arange(n + 1)
+    upper, lower = clopper_pearson_upper(counts, n, level), clopper_pearson_lower(counts, n, level)
+    bounds = np.array([0.0, 1e-4, 0.01, 0.05, 0.3, 0.999, 1.0, 1.5])
+    largest = calibration._largest_count_with_upper_at_most(bounds, n, level)
+    smallest = calibration._smallest_count_with_lower_at_least(bounds, n, level)
+    for bound, expected_largest, expected_smallest in zip(bounds, largest, smallest, strict=True):
+        admitted_upper = counts[upper <= bound]
+        admitted_lower = counts[lower >= bound]
+        assert expected_largest == (admitted_upper.max() if len(admitted_upper) else -1)
+        assert expected_smallest == (admitted_lower.min() if len(admitted_lower) else n + 1)

@@ -77,6 +77,32 @@ def clopper_pearson_lower(successes: Any, trials: int, confidence_level: float) 
     return np.where(successes <= 0, 0.0, bound)
 
 
+def _largest_count_with_upper_at_most(bounds: Any, trials: int, confidence_level: float) -> np.ndarray:
+    """For each bound `q`, the largest count `k` with `clopper_pearson_upper(k) <= q` (-1 if none).
+
+    The upper bound grows with `k`, so an integer bisection needs ~log2(trials) evaluations instead of one per point
+    of the curve.
+    """
+    bounds = np.atleast_1d(np.asarray(bounds, dtype=np.float64))
+    low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
+    while np.any(high - low > 1):
+        middle = (low + high) // 2
+        admitted = clopper_pearson_upper(np.clip(middle, 0, trials), trials, confidence_level) <= bounds
+        low, high = np.where(admitted, middle, low), np.where(admitted, high, middle)
+    return low
+
+
+def _smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_level: float) -> np.ndarray:
+    """For each bound `c`, the smallest count `k` with `clopper_pearson_lower(k) >= c` (`trials + 1` if none)."""
+    bounds = np.atleast_1d(np.asarray(bounds, dtype=np.float64))
+    low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
+    while np.any(high - low > 1):
+        middle = (low + high) // 2
+        admitted = clopper_pearson_lower(np.clip(middle, 0, trials), trials, confidence_level) >= bounds
+        low, high = np.where(admitted, low, middle), np.where(admitted, middle, high)
+    return high
+
+
 def _threshold_between(higher: np.ndarray, lower: np.ndarray) -> np.ndarray:
     """Float64 thresholds `t` with `lower <= t < higher`, midway where a float lies strictly between."""
     midpoint = lower + (higher - lower) / 2.0
@@ -519,11 +545,12 @@ class CascadeSimulation:
             _check_confidence_level(confidence_level)
             tests = 2 * len(GUARANTEE_CREDITS) - 1
             level = 1.0 - (1.0 - confidence_level) / tests
-            harm_upper = clopper_pearson_upper(curve.harms, self.n, level)
-            gain_lower = clopper_pearson_lower(curve.gains, self.n, level)
+            credits = np.asarray(GUARANTEE_CREDITS)
+            max_harms = _largest_count_with_upper_at_most(allowed_drop + credits, self.n, level)
+            min_gains = _smallest_count_with_lower_at_least(credits, self.n, level)
             admissible = np.zeros(len(curve), dtype=bool)
-            for credit in GUARANTEE_CREDITS:
-                admissible |= (harm_upper <= allowed_drop + credit) & (gain_lower >= credit)
+            for max_harm, min_gain in zip(max_harms, min_gains, strict=True):
+                admissible |= (curve.harms <= max_harm) & (curve.gains >= min_gain)
             admissible[0] |= allowed_drop >= 0
         closest = int(np.argmax(curve.cascade_correct))
         return self._pick_largest(
@@ -546,7 +573,8 @@ class CascadeSimulation:
             admissible = curve.disagreements <= math.floor(round(max_disagreement * self.n, 9))
         else:
             _check_confidence_level(confidence_level)
-            admissible = clopper_pearson_upper(curve.disagreements, self.n, confidence_level) <= max_disagreement
+            max_count = _largest_count_with_upper_at_most(max_disagreement, self.n, confidence_level)[0]
+            admissible = curve.disagreements <= max_count
             admissible[0] = True  # nothing exits: the cascade is the base, disagreement 0 for certain
         return self._pick_largest(admissible, "agreement", "the agreement target", 0, "", **params)
 
