@@ -87,8 +87,9 @@ def _largest_count_with_upper_at_most(bounds: Any, trials: int, confidence_level
     low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
     while np.any(high - low > 1):
         middle = (low + high) // 2
+        active = high - low > 1
         admitted = clopper_pearson_upper(np.clip(middle, 0, trials), trials, confidence_level) <= bounds
-        low, high = np.where(admitted, middle, low), np.where(admitted, high, middle)
+        low, high = np.where(active & admitted, middle, low), np.where(active & ~admitted, middle, high)
     return low
 
 
@@ -98,8 +99,9 @@ def _smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_lev
     low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
     while np.any(high - low > 1):
         middle = (low + high) // 2
+        active = high - low > 1
         admitted = clopper_pearson_lower(np.clip(middle, 0, trials), trials, confidence_level) >= bounds
-        low, high = np.where(admitted, low, middle), np.where(admitted, middle, high)
+        low, high = np.where(active & ~admitted, middle, low), np.where(active & admitted, middle, high)
     return high
 
 
