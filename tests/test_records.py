@@ -11,8 +11,13 @@ import pytest
 import torch
 from accelerate import PartialState, debug_launcher
 
-from conftest import random_images
-from hf_tinysaver import TinySaverForImageClassification, TinySaverImageProcessor
+from conftest import REPO_ROOT, random_images, requires_shared
+from hf_tinysaver import (
+    CifarResNetConfig,
+    CifarResNetForImageClassification,
+    TinySaverForImageClassification,
+    TinySaverImageProcessor,
+)
 from hf_tinysaver.records import (
     Records,
     _save_arrays,
@@ -115,6 +120,8 @@ def test_records_match_a_direct_forward_pass(model, processor, data_folder, tmp_
     assert records.logits.dtype == np.float32 and records.labels.dtype == np.int64
     assert records.split == "test[:50%]" and records.preprocessing == processor.to_dict()
     assert len(set(records.predictions.tolist())) > 1  # the random model separates images
+    with_workers = run(model, processor, data_folder, None, split="test[:50%]", use_cache=False, num_workers=2)
+    np.testing.assert_array_equal(with_workers.logits, records.logits)
 
 
 def test_second_run_reads_the_cache_without_calling_the_model(model, processor, data_folder, tmp_path):
@@ -337,3 +344,37 @@ def test_docstring_example_runs():
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(doctest.DocTestParser().get_doctest(text, {}, "record", None, 0))
     assert runner.summarize(verbose=False).failed == 0
+
+
+@pytest.mark.slow
+@requires_shared("datasets/cifar10-jpeg", "models/cifar10-resnet/resnet20-12fca82f.th")
+def test_real_cifar_pair_reproduces_the_reference_figures(shared_dir):
+    """ResNet-20 -> ResNet-56 on CIFAR-10 JPEG `test[:50%]`: the figures of the design notes (section 1)."""
+
+    def load(depth: int, file_name: str) -> CifarResNetForImageClassification:
+        checkpoint = torch.load(
+            shared_dir / "models" / "cifar10-resnet" / file_name, map_location="cpu", weights_only=True
+        )
+        model = CifarResNetForImageClassification(CifarResNetConfig(depth=depth))
+        model.load_state_dict({k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()})
+        return model.eval()
+
+    preprocessing = {"input_size": [3, 32, 32], "resize": "fixed", "mean": [0.485, 0.456, 0.406]}
+    processor = TinySaverImageProcessor(preprocessing=preprocessing | {"std": [0.229, 0.224, 0.225]})
+    cache_dir = REPO_ROOT / ".cache" / "records"  # git-ignored; a second run only calibrates
+    dataset = str(shared_dir / "datasets" / "cifar10-jpeg")
+    saver, base = load(20, "resnet20-12fca82f.th"), load(56, "resnet56-4bfd9763.th")
+    saver_records, base_records = (
+        record(m, processor, dataset, split="test[:50%]", batch_size=250, cache_dir=cache_dir, progress=False)
+        for m in (saver, base)
+    )
+    relative_saver_macs = 40.551040 / 125.485696  # MACs of ResNet-20 / ResNet-56 (FlopCounterMode, 32x32)
+    simulation = pair_from_records(saver_records, base_records, relative_saver_macs)
+
+    paper = simulation.calibrate("paper-no-loss")
+    assert paper.exit_rate == pytest.approx(0.877, abs=0.001) and paper.delta_c == pytest.approx(-0.554, abs=0.001)
+    # Every distinct float64 confidence instead of the 0.001 grid: the rule stops near r = 0.108.
+    assert simulation.calibrate("paper-no-loss", grid_size=None).exit_rate == pytest.approx(0.108, abs=0.001)
+    for max_drop, relative_macs in ((0.0, 0.443), (0.5, 0.395), (1.0, 0.374)):
+        result = simulation.calibrate("max-drop", max_drop=max_drop)
+        assert result.relative_macs == pytest.approx(relative_macs, abs=0.001)

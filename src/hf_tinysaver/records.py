@@ -486,15 +486,24 @@ def record(
         desc=f"Recording {model_name}",
         disable=not (progress and state.is_main_process),
     )
+    # This process's batches: by global batch index, so chunks whose size is not a multiple of the world size balance
+    # out. One loader over all of them (workers start once); each chunk takes its own batches from it in order.
+    own_batches = {
+        chunk: [b for b in range(chunk[0], chunk[1]) if b % state.num_processes == state.process_index]
+        for chunk in pending
+    }
+    loader = iter(
+        torch.utils.data.DataLoader(
+            torch.utils.data.Subset(loader_batches, [b for chunk in pending for b in own_batches[chunk]]),
+            batch_size=None,
+            num_workers=num_workers,
+        )
+    )
     with progress_bar, torch.inference_mode():
         for chunk in pending:
-            # By global batch index, so that chunks whose size is not a multiple of the world size balance out.
-            own_batches = [b for b in range(chunk[0], chunk[1]) if b % state.num_processes == state.process_index]
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(loader_batches, own_batches), batch_size=None, num_workers=num_workers
-            )
             own_logits = {}
-            for batch_index, pixel_values in loader:
+            for _ in own_batches[chunk]:
+                batch_index, pixel_values = next(loader)
                 logits = model(pixel_values=pixel_values.to(device)).logits
                 own_logits[int(batch_index)] = logits.float().cpu().numpy()
             gathered = gather_object([own_logits]) if state.num_processes > 1 else [own_logits]
