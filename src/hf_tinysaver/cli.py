@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "hf_tinysaver.zoo.cli",
     "hf_tinysaver.hub_cli",
+    "hf_tinysaver.workflow_cli",
 ]
 
 
