@@ -259,6 +259,49 @@ def write_curve_csv(path: str | os.PathLike, simulation: CascadeSimulation) -> P
     return Path(path)
 
 
+def save_calibrated_cascade(
+    cascade: TinySaverForImageClassification,
+    result: CalibrationResult,
+    simulation: CascadeSimulation,
+    out: str | os.PathLike,
+) -> Path:
+    """Saves a cascade calibrated by [`calibrate_cascade`] with its calibration files, ready to push.
+
+    Writes `save_pretrained` files, `calibration.json` (the calibration record of `cascade.config`), `tradeoff.csv`
+    (every operating point of the curve) and, on a labelled split, `tradeoff.png` (the curve with the chosen point).
+
+    Args:
+        cascade: The calibrated cascade; `cascade.config.calibration` gains `"plot"` when the plot is written.
+        result: The operating point [`calibrate_cascade`] chose.
+        simulation: The simulation it was chosen on.
+        out: The folder to write (created if needed).
+
+    Returns:
+        `out` as a `Path`.
+    """
+    from .plotting import plot_tradeoff
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    calibration = cascade.config.calibration
+    saver_name = str(calibration.get("saver") or "saver")
+    base_name = str(calibration.get("base") or "base")
+    if simulation.curve.accuracy is not None:
+        plot_tradeoff(
+            out / "tradeoff.png",
+            {saver_name: simulation.curve},
+            base_accuracy=simulation.base_accuracy,
+            base_name=base_name,
+            operating_points={saver_name: result},
+            title=f"{saver_name} -> {base_name} on {calibration.get('dataset')} {calibration.get('split')}",
+        )
+        calibration["plot"] = "tradeoff.png"
+    cascade.save_pretrained(out)
+    write_curve_csv(out / "tradeoff.csv", simulation)
+    write_json_atomic(out / "calibration.json", calibration)
+    return out
+
+
 def evaluate_cascade(
     cascade: TinySaverForImageClassification,
     dataset: Any,
@@ -374,6 +417,7 @@ __all__ = [
     "load_model",
     "record_sub_models",
     "resolve_dataset_source",
+    "save_calibrated_cascade",
     "simulation_for",
     "write_curve_csv",
     "write_json_atomic",

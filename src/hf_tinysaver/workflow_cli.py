@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | None = None) -> None:
@@ -130,9 +129,8 @@ def run_record(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .plotting import plot_tradeoff
     from .records import distributed_state
-    from .workflow import build_cascade, calibrate_cascade, write_curve_csv, write_json_atomic
+    from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade
 
     parameters = _objective_parameters(args)
     cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
@@ -150,27 +148,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )
     if not distributed_state().is_main_process:
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    curve = simulation.curve
-    plot_path = out / "tradeoff.png"
-    if curve.accuracy is not None:
-        plot_tradeoff(
-            plot_path,
-            {str(args.saver): curve},
-            base_accuracy=simulation.base_accuracy,
-            base_name=str(args.base),
-            operating_points={str(args.saver): result},
-            title=f"{args.saver} -> {args.base} on {args.dataset} {args.split}",
-        )
-        cascade.config.calibration["plot"] = plot_path.name
-    cascade.save_pretrained(out)
-    write_curve_csv(out / "tradeoff.csv", simulation)
-    write_json_atomic(out / "calibration.json", cascade.config.calibration)
+    out = save_calibrated_cascade(cascade, result, simulation, args.out)
     print(f"Calibrated {args.saver} -> {args.base} ({args.objective}): {result.describe()}")
-    print(
-        f"Saved the cascade to {out} (calibration.json, tradeoff.csv{', tradeoff.png' if plot_path.exists() else ''})"
-    )
+    plot = ", tradeoff.png" if "plot" in cascade.config.calibration else ""
+    print(f"Saved the cascade to {out} (calibration.json, tradeoff.csv{plot})")
     return 0
 
 
