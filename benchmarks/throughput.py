@@ -22,9 +22,9 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -79,18 +79,43 @@ def preprocessed_inputs(processor, dataset, split, num_images, assets):
 
 
 def memory_probe(args) -> None:
-    """Runs in a fresh process: loads one variant, runs batch 64 a few times, prints peak RSS in MiB as JSON."""
+    """Runs in a fresh process: loads one variant, runs batch 64 three times while a thread samples the resident set
+    size every millisecond, and prints the peak and its increase over the idle, loaded process as JSON (MiB)."""
+    import gc
+    import threading
+
+    import psutil
+
     cascade, processor = load_cascade(args.model, args.channels_last)
     saver_inputs, base_inputs = preprocessed_inputs(processor, args.dataset, args.split, 64, args.assets)
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gc.collect()
+    process = psutil.Process()
+    idle = process.memory_info().rss
+    peak = idle
+    running = True
+
+    def sample():
+        nonlocal peak
+        while running:
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with torch.inference_mode():
         for _ in range(3):
             if args.memory_probe == "base":
                 cascade.base(pixel_values=base_inputs)
             else:
                 cascade(pixel_values=saver_inputs, base_pixel_values=base_inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": peak, "rss_after_load_mib": loaded_rss}))
+    running = False
+    sampler.join()
+    mib = 1024 * 1024
+    print(
+        json.dumps(
+            {"peak_rss_mib": peak / mib, "idle_rss_mib": idle / mib, "forward_increase_mib": (peak - idle) / mib}
+        )
+    )
 
 
 def measure_memory(args) -> dict:
@@ -105,6 +130,9 @@ def measure_memory(args) -> dict:
         results[variant] = json.loads(output.strip().splitlines()[-1])
     results["batch_size"] = 64
     results["cascade_over_base_peak"] = results["cascade"]["peak_rss_mib"] / results["base"]["peak_rss_mib"]
+    results["cascade_over_base_forward_increase"] = (
+        results["cascade"]["forward_increase_mib"] / results["base"]["forward_increase_mib"]
+    )
     return results
 
 
@@ -129,6 +157,7 @@ def main(argv=None) -> dict | None:
             flush=True,
         )
     results = {
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": str(args.model),
         "dataset": args.dataset,
         "split": args.split,

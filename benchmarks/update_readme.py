@@ -125,7 +125,9 @@ def section_throughput() -> str | None:
         if memory:
             memory_line = (
                 f"\n\nPeak RSS at batch 64: cascade {memory['cascade']['peak_rss_mib']:.0f} MiB vs base alone "
-                f"{memory['base']['peak_rss_mib']:.0f} MiB (x{memory['cascade_over_base_peak']:.2f})."
+                f"{memory['base']['peak_rss_mib']:.0f} MiB (x{memory['cascade_over_base_peak']:.2f}); increase during "
+                f"the forward passes {memory['cascade']['forward_increase_mib']:.1f} vs "
+                f"{memory['base']['forward_increase_mib']:.1f} MiB."
             )
         blocks.append(
             f"**{data['dataset']} {data['split']}**, threshold {data['threshold']:.4f}, {data['threads']} threads, "
