@@ -100,6 +100,101 @@ def section_calibrate_evaluate() -> str | None:
     )
 
 
+def section_search() -> str | None:
+    blocks = []
+    for task in ("cifar10", "imagenet"):
+        data = load(f"search_{task}.json")
+        if data is None:
+            continue
+        drops = [repr(float(d)) for d in data["max_drops"]]
+        rows = []
+        for candidate in data["candidates"]:
+            if candidate["status"] != "ranked":
+                rows.append([candidate["status"], f"`{candidate['name']}`", "", "", "", *[""] * len(drops), "",
+                             candidate.get("reason") or ""])  # fmt: skip
+                continue
+            rows.append(
+                [
+                    candidate["rank"],
+                    f"`{candidate['name']}`",
+                    f"{candidate['macs'] / 1e6:.1f}",
+                    pct(candidate["accuracy"]),
+                    f"{candidate['delta_c']:+.3f}" if candidate["delta_c"] is not None else "—",
+                    *[
+                        "infeasible"
+                        if candidate["relative_macs"].get(d) is None
+                        else f"{candidate['relative_macs'][d]:.3f}"
+                        for d in drops
+                    ],
+                    candidate["paper_rank"],
+                    "",
+                ]
+            )
+        header = ["rank", "candidate saver", "MMACs", "top-1 %", "ΔC (paper)",
+                  *[f"rel. MACs @{d} pts" for d in drops], "paper rank", "note"]  # fmt: skip
+        held_out = data.get("held_out_evaluation")
+        held_out_line = ""
+        if held_out:
+            held_out_line = (
+                f"\n\nWinner `{data['winner']}` calibrated at {data['primary_max_drop']} points on {data['split']}, "
+                f"run for real on held-out {held_out['split']} ({held_out['n']} images): accuracy "
+                f"{pct(held_out['accuracy'])} % vs base {pct(held_out['base_accuracy'])} % "
+                f"(drop {held_out['accuracy_drop_points']:+.2f} points), exit rate {pct(held_out['exit_rate'], 1)} %, "
+                f"relative MACs {held_out['relative_macs']:.3f}."
+            )
+        blocks.append(
+            f"**Base `{data['base']}`** ({data['base_macs'] / 1e6:.1f} MMACs, top-1 {pct(data['base_accuracy'])} % on "
+            f"{data['dataset']} {data['split']}, n={data['n']}; `{data['command']}`)\n\n"
+            + table(header, rows)
+            + held_out_line
+        )
+    speed = load("search_speed.json")
+    if not blocks:
+        return None
+    speed_line = ""
+    if speed:
+        speed_line = "\n\n" + ", ".join(
+            f"{key.replace('_', ' ')}: {value:.3g}" for key, value in speed.items() if isinstance(value, (int, float))
+        )
+    return (
+        "### Saver search (ranked by relative MACs at a 0.5-point drop; the paper's ΔC beside)\n\n"
+        + "\n\n".join(blocks)
+        + speed_line
+    )
+
+
+def section_esn() -> str | None:
+    data = load("esn_cifar10.json")
+    if data is None:
+        return None
+    rows = []
+    for row in data["rows"]:
+        esn, plain = row["esn"]["eval"], row["tinysaver"]["eval"]
+        rows.append(
+            [
+                row["width"],
+                row["layers"],
+                row["max_drop"],
+                f"{esn['relative_macs']:.3f}",
+                f"{esn['drop']:+.2f}",
+                f"{plain['relative_macs']:.3f}",
+                f"{plain['drop']:+.2f}",
+                f"{row['relative_macs_esn_over_tinysaver']:.3f}",
+                f"{row['tinysaver_oracle_at_esn_drop']['relative_macs']:.3f}",
+            ]
+        )
+    header = ["d", "L", "max drop", "ESN rel. MACs", "ESN drop", "TinySaver rel. MACs", "TinySaver drop",
+              "ESN / TinySaver", "TinySaver at ESN's held-out drop"]  # fmt: skip
+    splits = data["splits"]
+    return (
+        f"### Exit Sequence Network vs plain TinySaver (CIFAR-10, ResNet-20 -> ResNet-56)\n\n"
+        f"ESN trained on `{splits['train']}`, thresholds on `{splits['calib']}`, everything measured on held-out "
+        f"`{splits['eval']}` (exits after {', '.join(data['exit_stages'])}; drops in points; last column: the plain "
+        "cascade's held-out cost at the same held-out drop the ESN reached, a like-for-like comparison). "
+        "`python benchmarks/esn_cifar10.py`\n\n" + table(header, rows)
+    )
+
+
 def section_throughput() -> str | None:
     blocks = []
     for path in sorted(RESULTS.glob("throughput_*.json")):
@@ -146,7 +241,13 @@ def section_throughput() -> str | None:
     )
 
 
-SECTIONS: list[Callable[[], str | None]] = [section_zoo, section_calibrate_evaluate, section_throughput]
+SECTIONS: list[Callable[[], str | None]] = [
+    section_zoo,
+    section_calibrate_evaluate,
+    section_search,
+    section_esn,
+    section_throughput,
+]
 
 
 def render() -> str:
