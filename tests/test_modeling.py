@@ -303,3 +303,29 @@ def test_processor_handles_grayscale_rgba_and_arrays():
     torch.testing.assert_close(values[0], values[2])
     with pytest.raises(ValueError, match="uint8"):
         processor(images=np.zeros((4, 4, 3), dtype=np.float32))
+
+
+def test_optimize_for_inference_keeps_outputs_and_saves_plain_weights(mixed_pair, images, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        expected = cascade(**inputs, threshold=0.5)
+    cascade.train().optimize_for_inference()
+    assert not cascade.training
+    conv_weight = next(
+        m.weight for m in cascade.saver.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1
+    )
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        actual = cascade(**inputs, threshold=0.5)
+    assert torch.equal(actual.exited, expected.exited)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=0)
+    cascade.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)(**inputs, threshold=0.5)
+    torch.testing.assert_close(reloaded.logits, expected.logits, atol=1e-4, rtol=0)
+    # Restore the shared fixture's layout for the other tests.
+    for sub_model in (cascade.saver, cascade.base):
+        sub_model.to(memory_format=torch.contiguous_format)

@@ -13,6 +13,7 @@ import sys
 # Modules that each register one or more subcommands through `add_parser(subparsers)`.
 COMMAND_MODULES = [
     "hf_tinysaver.zoo.cli",
+    "hf_tinysaver.hub_cli",
     "hf_tinysaver.esn_cli",
 ]
 

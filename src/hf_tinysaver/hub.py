@@ -1,0 +1,218 @@
+"""Publishing cascades on the Hugging Face Hub: weights, processor, remote code, model card and plot in one commit."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+from .configuration_tinysaver import TinySaverConfig
+from .model_card import DEFAULT_TAGS, TinySaverModelCardData, generate_model_card
+
+if TYPE_CHECKING:
+    from .modeling_tinysaver import TinySaverForImageClassification
+
+CARD_FILE = "README.md"
+# Files of a saved folder that are never uploaded: the card is regenerated, the rest is local bookkeeping.
+_SKIPPED_NAMES = {CARD_FILE, ".DS_Store"}
+
+
+class HubPushError(RuntimeError):
+    """An upload to the Hub failed for a reason the user can fix (no token, a token without write access, ...)."""
+
+
+def resolve_token(token: str | None, repo_id: str) -> str:
+    """Returns `token`, else the one from `HF_TOKEN` or `hf auth login`; raises [`HubPushError`] when there is none."""
+    token = token or get_token()
+    if not token:
+        raise HubPushError(
+            f"No Hugging Face token found to push to {repo_id}: run `hf auth login`, pass `--token` (CLI) or "
+            "`token=` (Python), or set the HF_TOKEN environment variable. The token needs write access to the repo."
+        )
+    return token
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and relative.name not in _SKIPPED_NAMES and not relative.parts[0].startswith("."):
+            files.append(path)
+    return files
+
+
+def _load_cascade_config(folder: Path) -> TinySaverConfig:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: save the cascade first with `cascade.save_pretrained({str(folder)!r})`."
+        )
+    config = TinySaverConfig.from_pretrained(folder)
+    if getattr(config, "model_type", None) != TinySaverConfig.model_type:
+        raise ValueError(f"{folder} does not hold a TinySaver cascade (config.json has another model_type).")
+    return config
+
+
+def _find_plot(folder: Path, config: TinySaverConfig, plot: str | os.PathLike | None) -> Path | None:
+    if plot is not None:
+        plot_path = Path(plot)
+        if not plot_path.is_file():
+            raise FileNotFoundError(f"Plot {plot_path} does not exist; pass the PNG written by the calibration.")
+        return plot_path
+    recorded = (config.calibration or {}).get("plot")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    for candidate in (folder / os.path.basename(recorded), Path(recorded)):
+        if candidate.is_file():
+            return candidate
+    warnings.warn(
+        f"The calibration record names the plot {recorded!r}, but it is neither in {folder} nor at that path; the "
+        "model card will not show it. Pass `plot=` (or `--plot`) to upload it.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _explain_http_error(error: HfHubHTTPError, repo_id: str) -> HubPushError:
+    status = error.response.status_code if error.response is not None else None
+    if status == 403:
+        return HubPushError(
+            f"The Hub refused the upload to {repo_id} (403 Forbidden): the token lacks write access to that repo. "
+            "Use a token with the write role (https://huggingface.co/settings/tokens) that belongs to the repo's "
+            "namespace or to a member of its organization, then log in again with `hf auth login`."
+        )
+    if status == 401 or isinstance(error, RepositoryNotFoundError):
+        return HubPushError(
+            f"The Hub rejected the token while pushing to {repo_id} (401): it is invalid, expired or cannot see the "
+            "repo. Run `hf auth login` with a valid write token, or pass `--token` / set HF_TOKEN."
+        )
+    return HubPushError(f"Pushing to {repo_id} failed: {error}")
+
+
+def push_cascade(
+    folder_or_model: str | os.PathLike | TinySaverForImageClassification,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    plot: str | os.PathLike | None = None,
+    card_only: bool = False,
+    card_data: TinySaverModelCardData | None = None,
+    tags: list[str] | None = None,
+    max_shard_size: int | str | None = "50GB",
+) -> CommitInfo:
+    r"""
+    Uploads a cascade to the Hub in one commit: weights, config, processor, remote-code files, a generated model card
+    (`README.md`) and the calibration's trade-off plot.
+
+    The repo is created when missing. Files of an earlier push that this one does not carry stay in the repo; files
+    whose content did not change are not uploaded again. The model card is regenerated from the cascade's config (a
+    `README.md` in the folder is not uploaded).
+
+    Args:
+        folder_or_model (`str`, `os.PathLike` or [`TinySaverForImageClassification`]):
+            A folder written by `save_pretrained`, or the cascade itself (saved to a temporary folder first).
+        repo_id (`str`):
+            The repo to push to, `namespace/name`.
+        token (`str`, *optional*):
+            A token with write access; defaults to `HF_TOKEN` or the token saved by `hf auth login`.
+        private (`bool`, *optional*):
+            Visibility of the repo if it is created (ignored for existing repos).
+        commit_message (`str`, *optional*):
+            Defaults to "Upload TinySaver cascade" (or "Update model card" with `card_only`).
+        commit_description (`str`, *optional*):
+            Longer description of the commit.
+        revision (`str`, *optional*):
+            An existing branch to commit to; defaults to `main`.
+        create_pr (`bool`, *optional*, defaults to `False`):
+            Open a pull request with the commit instead of committing to the branch.
+        plot (`str` or `os.PathLike`, *optional*):
+            The trade-off plot (PNG) to upload beside the card; by default the file named by the calibration
+            record's `plot` entry, looked up in the folder, then as a path.
+        card_only (`bool`, *optional*, defaults to `False`):
+            Upload only the model card (and the plot), e.g. after editing the calibration record.
+        card_data ([`~model_card.TinySaverModelCardData`], *optional*):
+            Card data to render instead of the one built from the config.
+        tags (`list[str]`, *optional*):
+            Extra Hub tags for the card.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"50GB"`):
+            Passed to `save_pretrained` when a model instance is given.
+
+    Returns:
+        `huggingface_hub.CommitInfo`: The commit (a `str` holding its URL; `.oid` is its sha, `.pr_url` the pull
+        request's URL with `create_pr`).
+
+    Raises:
+        [`HubPushError`]: No token, a token rejected by the Hub, or one without write access to `repo_id`.
+        `FileNotFoundError`: The folder has no `config.json`, or `plot` does not exist.
+
+    Example:
+
+    ```python
+    >>> from hf_tinysaver.hub import push_cascade
+
+    >>> commit = push_cascade("./my-cascade", "me/my-cascade")  # doctest: +SKIP
+    >>> commit.oid  # doctest: +SKIP
+    '7f1d...'
+    ```
+    """
+    token = resolve_token(token, repo_id)
+    with tempfile.TemporaryDirectory(prefix="tinysaver-push-") as staging:
+        if isinstance(folder_or_model, (str, os.PathLike)):
+            folder = Path(folder_or_model)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder} is not a folder; pass a folder written by `save_pretrained`.")
+            config = _load_cascade_config(folder)
+        else:
+            folder = Path(staging)
+            folder_or_model.save_pretrained(folder, max_shard_size=max_shard_size)
+            config = folder_or_model.config
+        plot_path = _find_plot(folder, config, plot)
+        if card_data is None:
+            card_data = TinySaverModelCardData.from_config(
+                config,
+                model_id=repo_id,
+                plot_file=plot_path.name if plot_path is not None else None,
+                tags=[*DEFAULT_TAGS, *(tags or [])],
+            )
+        elif plot_path is not None and card_data.plot_file is None:
+            card_data.plot_file = plot_path.name
+        card_text = str(generate_model_card(config, card_data=card_data))
+
+        operations = [CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_text.encode())]
+        if not card_only:
+            operations += [
+                CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+                for path in _folder_files(folder)
+                if plot_path is None or path.resolve() != plot_path.resolve()
+            ]
+        if plot_path is not None:
+            operations.append(CommitOperationAdd(path_in_repo=plot_path.name, path_or_fileobj=str(plot_path)))
+
+        api = HfApi()
+        try:
+            api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+            return api.create_commit(
+                repo_id,
+                operations,
+                commit_message=commit_message or ("Update model card" if card_only else "Upload TinySaver cascade"),
+                commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
+        except HfHubHTTPError as error:
+            raise _explain_http_error(error, repo_id) from error
+
+
+__all__ = ["HubPushError", "push_cascade", "resolve_token"]
