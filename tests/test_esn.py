@@ -64,6 +64,15 @@ ESN_REMOTE_CODE_FILES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # These models are tiny: extra threads only add OpenMP spin-wait, which on a busy machine costs 10-100x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cifar(depth: int, seed: int, widths=(8, 16, 16)) -> CifarResNetForImageClassification:
     torch.manual_seed(seed)
     model = CifarResNetForImageClassification(CifarResNetConfig(depth=depth, widths=list(widths)))
@@ -571,7 +580,13 @@ def test_fresh_process_without_hf_tinysaver_loads_with_remote_code(saved_esn, tm
     directory, model, arrays, inputs = saved_esn
     torch.save(arrays, tmp_path / "images.pt")
     (tmp_path / "load.py").write_text(FRESH_PROCESS_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
         [sys.executable, "load.py", str(directory), "images.pt", "out.pt"],
         env=env,
@@ -597,6 +612,22 @@ def test_pipeline_serves_the_esn(saved_esn):
     with torch.no_grad():
         logits = model(**model.get_image_processor()(images=_pil(arrays[0]), return_tensors="pt")).logits[0]
     assert result["label"] == model.config.id2label[int(logits.argmax())]
+
+
+def test_push_to_hub_and_load_by_id(saved_esn, tmp_path):
+    from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
+
+    _, model, _, inputs = saved_esn
+    repo_id = "tester/tiny-esn"
+    with FakeHub(tmp_path / "hub") as hub, hub.client_environment(tmp_path / "hf_home", token=DEFAULT_TOKEN):
+        model.push_to_hub(repo_id)
+        assert ESN_REMOTE_CODE_FILES | {"config.json", "model.safetensors", "README.md"} <= set(
+            hub.commits(repo_id)[0].files
+        )
+        reloaded = AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)
+    with torch.no_grad():
+        expected, actual = model(**inputs), reloaded(**inputs)
+    assert torch.equal(actual.logits, expected.logits) and torch.equal(actual.exit_index, expected.exit_index)
 
 
 # --- features cache and CLI end to end --------------------------------------------------------------------------

@@ -428,8 +428,9 @@ def lowest_passing_threshold(
     """The threshold that lets the most images exit while the total number of right answers stays >= `min_correct`.
 
     An image exits when its confidence is strictly greater than the threshold; exiting images count as right when
-    `correct_if_exit`, the others when `correct_otherwise`. Only thresholds between distinct confidence values are
-    considered (tied images exit together). Vectorised: one sort and two cumulative sums.
+    `correct_if_exit`, the others when `correct_otherwise`. Tied images exit together. The threshold sits midway
+    between the lowest exiting and the highest staying confidence (as `hf_tinysaver.calibration` places them), so
+    float noise in a re-computed confidence does not flip a decision. Vectorised: one sort, two cumulative sums.
 
     Args:
         confidence: `(n,)` confidences.
@@ -438,26 +439,29 @@ def lowest_passing_threshold(
         min_correct: Right answers required among these `n` images.
 
     Returns:
-        The threshold. When no image may exit it is at least 1.0 (no confidence metric exceeds 1); when all may, it
-        is just below the lowest confidence.
+        The threshold; at least 1.0 (above every confidence metric) when no image may exit.
     """
     count = len(confidence)
     if count == 0:
         return 1.0
     order = np.argsort(-confidence, kind="stable")
-    sorted_confidence = confidence[order]
+    descending = confidence[order]
     right_if_exit = np.concatenate([[0], np.cumsum(correct_if_exit[order], dtype=np.int64)])
     right_otherwise = np.concatenate([[0], np.cumsum(correct_otherwise[order], dtype=np.int64)])
-    total_right = right_if_exit + (right_otherwise[-1] - right_otherwise)  # k = 0..n top images exit
+    total_right = right_if_exit + (right_otherwise[-1] - right_otherwise)  # when the top k = 0..n images exit
     boundary = np.ones(count + 1, dtype=bool)
-    boundary[1:count] = sorted_confidence[:-1] > sorted_confidence[1:]
+    boundary[1:count] = descending[:-1] > descending[1:]
     feasible = np.flatnonzero(boundary & (total_right >= min_correct - 1e-9))
     exits = int(feasible[-1]) if feasible.size else 0
     if exits == 0:
-        return max(1.0, float(sorted_confidence[0]))
-    if exits == count:
-        return float(np.nextafter(sorted_confidence[-1], -np.inf))
-    return float(sorted_confidence[exits])
+        return max(1.0, float(descending[0]))
+    lowest_exiting = float(descending[exits - 1])
+    if exits < count:
+        highest_staying = float(descending[exits])
+    else:
+        highest_staying = 0.0 if lowest_exiting > 0 else lowest_exiting - 1.0
+    midpoint = highest_staying + (lowest_exiting - highest_staying) / 2.0
+    return midpoint if midpoint < lowest_exiting else highest_staying
 
 
 def sequential_thresholds(records: ExitRecords, allowed_drops: Sequence[float]) -> list[float]:
