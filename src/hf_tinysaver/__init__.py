@@ -6,6 +6,12 @@ A tiny *saver* classifier answers the images it is confident about; only the oth
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
+from .calibration import (
+    CalibrationResult,
+    CascadeSimulation,
+    InfeasibleTargetError,
+    fit_temperature,
+)
 from .confidence import CONFIDENCE_METRICS, compute_confidence
 from .configuration_cifar_resnet import CIFAR10_LABELS, CifarResNetConfig
 from .configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
@@ -19,6 +25,7 @@ from .image_processing_tinysaver import (
 from .modeling_cifar_resnet import CifarResNetForImageClassification
 from .modeling_tinysaver import TinySaverForImageClassification, TinySaverImageClassifierOutput
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification, TinySaverESNImageClassifierOutput
+from .records import Records, pair_from_records, record
 
 __version__ = TINYSAVER_VERSION
 
@@ -43,8 +50,12 @@ TinySaverESNForImageClassification.register_for_auto_class("AutoModelForImageCla
 __all__ = [
     "CIFAR10_LABELS",
     "CONFIDENCE_METRICS",
+    "CalibrationResult",
+    "CascadeSimulation",
     "CifarResNetConfig",
     "CifarResNetForImageClassification",
+    "InfeasibleTargetError",
+    "Records",
     "TinySaverConfig",
     "TinySaverESNConfig",
     "TinySaverESNForImageClassification",
@@ -53,8 +64,11 @@ __all__ = [
     "TinySaverImageClassifierOutput",
     "TinySaverImageProcessor",
     "compute_confidence",
+    "fit_temperature",
     "normalize_preprocessing",
+    "pair_from_records",
     "preprocessing_from_image_processor",
     "preprocessing_from_timm",
+    "record",
     "__version__",
 ]

@@ -303,7 +303,7 @@ class TinySaverImageProcessor(BaseImageProcessor):
 
         Args:
             images: A PIL image (any mode: grayscale and RGBA are converted to RGB), a uint8 array or tensor, or a
-                list of them.
+                sequence of them (list, tuple, `datasets` column).
             return_tensors: Only `"pt"` is supported.
 
         Returns:
@@ -313,8 +313,10 @@ class TinySaverImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"TinySaverImageProcessor returns PyTorch tensors only; got return_tensors={return_tensors!r}."
             )
-        if not isinstance(images, (list, tuple)):
+        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             images = [images]
+        else:
+            images = list(images)  # lists, tuples and `datasets` columns
         if len(images) == 0:
             raise ValueError("No images given.")
         images = [to_rgb_pil(image) for image in images]

@@ -1,0 +1,596 @@
+"""Per-sample records of a classifier over a `datasets` split, cached on disk, resumable and distributed.
+
+Calibration and evaluation only need each model's logits on each sample. [`record`] runs a model once over a split
+and keeps its float32 logits, predictions and labels in a cache keyed by the model's weights and config, the data's
+content, the split and the preprocessing, so a second run costs nothing.
+
+The run is written in chunks of a few batches, each written atomically (temporary file, then `os.replace`) with a
+checksum: an interrupted run resumes from its last complete chunk, and a damaged chunk is detected and recomputed.
+Under `accelerate launch` or `torchrun`, every process takes every `world_size`-th batch of each chunk; the main
+process gathers them in batch order and alone writes the cache, so the records are those of a single-process run,
+row for row. Every process gets the full records back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .calibration import CascadeSimulation
+
+logger = logging.getLogger(__name__)
+
+RECORDS_FORMAT_VERSION = 1
+IMAGE_COLUMNS = ("image", "img")
+LABEL_COLUMNS = ("label", "labels")
+# Config keys that change between saves of the same model without changing what it computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
+
+
+def default_cache_dir() -> Path:
+    """`$TINYSAVER_CACHE/records` when that variable is set, else `~/.cache/hf_tinysaver/records`."""
+    root = os.environ.get("TINYSAVER_CACHE")
+    return Path(root) / "records" if root else Path.home() / ".cache" / "hf_tinysaver" / "records"
+
+
+def _sha256_of_array(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Writes through `write(file)` to a temporary file beside `path`, then renames it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomic `.npz` with a checksum over every array, verified by `_load_arrays`."""
+    checksum = hashlib.sha256()
+    for name in sorted(arrays):
+        checksum.update(name.encode())
+        checksum.update(_sha256_of_array(arrays[name]).encode())
+    payload = {**arrays, "checksum": np.array(checksum.hexdigest())}
+    _atomic_write(path, lambda file: np.savez(file, **payload))
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Loads an `.npz` written by `_save_arrays`; raises `ValueError` when it is truncated or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as error:  # zipfile, zlib, numpy and OS errors all mean "unreadable"
+        raise ValueError(f"{path} is unreadable ({type(error).__name__}: {error}).") from error
+    stored = str(arrays.pop("checksum", ""))
+    checksum = hashlib.sha256()
+    for name in sorted(arrays):
+        checksum.update(name.encode())
+        checksum.update(_sha256_of_array(arrays[name]).encode())
+    if stored != checksum.hexdigest():
+        raise ValueError(f"{path} fails its checksum.")
+    return arrays
+
+
+@dataclass
+class Records:
+    """One model's outputs on every sample of a split.
+
+    Attributes:
+        logits: float32 array `(n, num_labels)`, the model's logits in dataset order.
+        predictions: int64 array `(n,)`, the argmax of `logits`.
+        labels: int64 array `(n,)` of true classes, or None for an unlabelled split.
+        model_name: A readable name of the model (its `name_or_path` or class name).
+        model_hash: SHA-256 of the model's class, config and weights.
+        dataset_fingerprint: Content fingerprint of the split that was run.
+        split: The split string (e.g. `"test[:50%]"`), or None when a dataset object was given without one.
+        preprocessing: Description of the preprocessing (the processor's `to_dict()` or the given dict).
+        cache_key: The key under which these records are cached (None when caching was off).
+    """
+
+    logits: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray | None
+    model_name: str
+    model_hash: str
+    dataset_fingerprint: str
+    split: str | None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    cache_key: str | None = None
+
+    def __post_init__(self):
+        self.logits = np.asarray(self.logits, dtype=np.float32)
+        self.predictions = np.asarray(self.predictions, dtype=np.int64)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.logits.ndim != 2 or len(self.predictions) != len(self.logits):
+            raise ValueError(
+                f"Records need logits (n, num_labels) and predictions (n,), got {self.logits.shape} and "
+                f"{self.predictions.shape}."
+            )
+        if self.labels is not None and len(self.labels) != len(self.logits):
+            raise ValueError(f"Records have {len(self.logits)} rows of logits but {len(self.labels)} labels.")
+
+    @property
+    def n(self) -> int:
+        return len(self.logits)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Top-1 accuracy of the recorded model (None without labels)."""
+        return None if self.labels is None else float((self.predictions == self.labels).mean())
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("logits", "predictions", "labels")
+        } | {"n": self.n, "format_version": RECORDS_FORMAT_VERSION}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the records atomically to an `.npz` file (arrays plus JSON metadata and a checksum)."""
+        arrays = {
+            "logits": self.logits,
+            "predictions": self.predictions,
+            "metadata": np.array(json.dumps(self.metadata(), sort_keys=True)),
+        }
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        _save_arrays(Path(path), arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Records:
+        """Reads records written by [`Records.save`]; raises `ValueError` when the file is damaged."""
+        arrays = _load_arrays(Path(path))
+        metadata = json.loads(str(arrays["metadata"]))
+        if metadata.pop("format_version", None) != RECORDS_FORMAT_VERSION:
+            raise ValueError(f"{path} was written by another records format; delete it to record again.")
+        metadata.pop("n", None)
+        return cls(logits=arrays["logits"], predictions=arrays["predictions"], labels=arrays.get("labels"), **metadata)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's class, config (without volatile keys) and every tensor of its state dict."""
+    digest = hashlib.sha256()
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config_dict = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """SHA-256 of every file's relative path and content under `folder` (hidden files and folders skipped).
+
+    `datasets.load_dataset(<folder>)` can reuse its own cache after the files changed; keying records on the files'
+    content keeps a changed folder from hitting stale records.
+    """
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(directory) / name
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            file_digest = hashlib.sha256()
+            with open(path, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    file_digest.update(block)
+            digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def _resolve_dataset(dataset: Any, split: str | None, fingerprint_files: bool = True):
+    """Returns `(datasets.Dataset, fingerprint, split)` for a local folder, a Hub id or a loaded dataset.
+
+    With `fingerprint_files=False` a local folder's files are not hashed (processes other than the main one only
+    need the data, not the cache key).
+    """
+    import datasets
+
+    if isinstance(dataset, (str, os.PathLike)):
+        if split is None:
+            raise ValueError(f"Name the split to record from {dataset!r}, e.g. split='test' or 'test[:50%]'.")
+        loaded = datasets.load_dataset(str(dataset), split=split)
+        fingerprint = loaded._fingerprint
+        if fingerprint_files and os.path.isdir(dataset):
+            fingerprint = hashlib.sha256(f"{fingerprint}|{folder_fingerprint(dataset)}".encode()).hexdigest()
+        return loaded, fingerprint, split
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"Got a DatasetDict with splits {list(dataset)}; pass one split, e.g. dataset['test'].")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"dataset must be a local folder, a Hub dataset id or a datasets.Dataset, got {type(dataset).__name__}."
+        )
+    if split is None and dataset.split is not None:
+        split = str(dataset.split)
+    return dataset, dataset._fingerprint, split
+
+
+def _find_column(dataset, requested: str | None, candidates: Sequence[str], kind: str, required: bool) -> str | None:
+    if requested is not None:
+        if requested not in dataset.column_names:
+            raise ValueError(f"No {kind} column {requested!r}; the dataset has {dataset.column_names}.")
+        return requested
+    for name in candidates:
+        if name in dataset.column_names:
+            return name
+    if kind == "image":
+        import datasets
+
+        image_columns = [n for n, f in dataset.features.items() if isinstance(f, datasets.Image)]
+        if len(image_columns) == 1:
+            return image_columns[0]
+    if required:
+        raise ValueError(
+            f"Cannot find the {kind} column among {dataset.column_names}; pass {kind}_column=<name> (looked for "
+            f"{list(candidates)})."
+        )
+    return None
+
+
+def _describe_preprocessing(processor: Any, preprocessing: dict[str, Any] | None) -> dict[str, Any] | None:
+    if preprocessing is not None:
+        return preprocessing
+    to_dict = getattr(processor, "to_dict", None)
+    return to_dict() if callable(to_dict) else None
+
+
+def distributed_state():
+    """The process's `accelerate.PartialState`, set up for CPU-only machines too.
+
+    `PartialState()` only detects a multi-process launch on CPU when created with `cpu=True`; without it, each of
+    the processes started by `torchrun` or `accelerate launch` on a machine without accelerators believes it runs
+    alone. A state the caller already created (e.g. through `Accelerator()`) is reused as it is, but a state that
+    contradicts the launcher's `WORLD_SIZE` is refused rather than letting every process write the cache.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if not PartialState._shared_state:
+        has_accelerator = (
+            torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        )
+        PartialState(cpu=not has_accelerator or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState()
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched_processes:
+        raise RuntimeError(
+            f"This process was launched as one of {launched_processes} (WORLD_SIZE) but accelerate's state has "
+            f"{state.num_processes}. On a machine without GPUs, create the Accelerator with `Accelerator(cpu=True)` "
+            "(or call `hf_tinysaver.records.distributed_state()` before creating it)."
+        )
+    return state
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch `b` of the split, preprocessed: what a DataLoader worker returns for one batch index."""
+
+    def __init__(self, dataset, image_column: str, processor: Callable, batch_size: int):
+        self.dataset, self.image_column, self.processor, self.batch_size = dataset, image_column, processor, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __getitem__(self, batch_index: int) -> tuple[int, torch.Tensor]:
+        start = batch_index * self.batch_size
+        images = self.dataset[start : start + self.batch_size][self.image_column]
+        return batch_index, self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def record(
+    model: torch.nn.Module,
+    processor: Callable,
+    dataset: Any,
+    split: str | None = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    preprocessing: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    chunk_batches: int = 16,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Records:
+    r"""
+    Runs an image classifier over a dataset split and returns its per-sample logits, predictions and labels.
+
+    Results are cached on disk (see [`default_cache_dir`]) under a key made of the model's weights and config, the
+    data's content fingerprint, the split and the preprocessing: a second call with the same inputs loads them
+    without running the model. An interrupted call resumes from its last complete chunk of `chunk_batches`
+    batches. Launched with `accelerate launch` or `torchrun`, the processes share the batches and every process
+    returns the same records as a single-process run.
+
+    Args:
+        model (`torch.nn.Module`):
+            A classifier whose forward takes `pixel_values` and returns an output with `.logits` (any transformers
+            image-classification model). It is put in eval mode.
+        processor (`Callable`):
+            Called as `processor(images=list_of_PIL_images, return_tensors="pt")["pixel_values"]`, e.g. a
+            `TinySaverImageProcessor` or a transformers image processor.
+        dataset (`str`, `os.PathLike` or `datasets.Dataset`):
+            A local dataset folder or Hub id, loaded with `datasets.load_dataset(dataset, split=split)`, or a
+            loaded `datasets.Dataset` (the split selection already applied).
+        split (`str`, *optional*):
+            The split string, e.g. `"test"` or `"test[:50%]"`. Required for a folder or Hub id; for a loaded dataset
+            it only labels the records (defaults to the dataset's own split name).
+        batch_size (`int`, *optional*, defaults to 64):
+            Images per forward pass (per process).
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Where records are cached; defaults to [`default_cache_dir`].
+        use_cache (`bool`, *optional*, defaults to `True`):
+            `False` runs the model and writes nothing.
+        preprocessing (`dict`, *optional*):
+            Describes `processor` for the cache key; defaults to `processor.to_dict()`. Required with the cache on
+            when the processor has no `to_dict`.
+        model_name (`str`, *optional*):
+            Readable model name stored in the records; defaults to `model.name_or_path` or the class name.
+        image_column (`str`, *optional*):
+            Defaults to `image` or `img`, or the only `Image` feature.
+        label_column (`str`, *optional*):
+            Defaults to `label` or `labels`; without one the records have no labels.
+        chunk_batches (`int`, *optional*, defaults to 16):
+            Batches per resumable chunk.
+        num_workers (`int`, *optional*, defaults to 0):
+            DataLoader workers that decode and preprocess images in parallel.
+        device (`str` or `torch.device`, *optional*):
+            Where the model runs. Defaults to the model's device in a single process and to the process's own
+            device (`PartialState().device`) in a distributed run; the model is moved there.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a tqdm progress bar (on the main process only).
+
+    Returns:
+        [`Records`] in dataset order.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> import datasets, numpy as np, torch
+    >>> from PIL import Image
+    >>> from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+    >>> from hf_tinysaver import TinySaverImageProcessor
+    >>> from hf_tinysaver.records import record
+
+    >>> rng = np.random.default_rng(0)
+    >>> images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(10)]
+    >>> data = datasets.Dataset.from_dict({"image": images, "label": list(range(10))})
+    >>> model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_efficientnet", num_labels=10))
+    >>> processor = TinySaverImageProcessor(preprocessing={"input_size": [3, 32, 32], "resize": "fixed"})
+    >>> with tempfile.TemporaryDirectory() as cache:
+    ...     records = record(model, processor, data, split="toy", batch_size=4, cache_dir=cache, progress=False)
+    >>> records.logits.shape, records.labels[:3].tolist()
+    ((10, 10), [0, 1, 2])
+    ```
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError(f"batch_size and chunk_batches must be positive, got {batch_size} and {chunk_batches}.")
+    state = distributed_state()
+    data, fingerprint, split = _resolve_dataset(dataset, split, fingerprint_files=state.is_main_process)
+    image_column = _find_column(data, image_column, IMAGE_COLUMNS, "image", required=True)
+    label_column = _find_column(data, label_column, LABEL_COLUMNS, "label", required=False)
+    description = _describe_preprocessing(processor, preprocessing)
+    if use_cache and description is None:
+        raise ValueError(
+            "The processor has no `to_dict()`, so the cache cannot tell its preprocessing apart: pass "
+            "`preprocessing=<dict describing it>` or `use_cache=False`."
+        )
+    if model_name is None:
+        model_name = getattr(model, "name_or_path", None) or type(model).__name__
+    if len(data) == 0:
+        raise ValueError(f"The split {split!r} is empty.")
+
+    # The key and the cache state are decided on the main process and broadcast, so all processes agree.
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached_records, key, pending = None, None, None
+    if state.is_main_process:
+        model_hash = model_fingerprint(model)
+        key_fields = {
+            "format_version": RECORDS_FORMAT_VERSION,
+            "model": model_hash,
+            "dataset": fingerprint,
+            "split": split,
+            "preprocessing": description,
+            "image_column": image_column,
+            "label_column": label_column,
+        }
+        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:40]
+        if use_cache and (cache_root / f"{key}.npz").exists():
+            try:
+                cached_records = Records.load(cache_root / f"{key}.npz")
+            except ValueError as error:
+                logger.warning("Recording again: the cached records are damaged (%s).", error)
+    else:
+        model_hash = None
+    key, model_hash, hit = broadcast_object_list([key, model_hash, cached_records is not None])
+    if hit:
+        return broadcast_object_list([cached_records])[0]
+
+    num_batches = math.ceil(len(data) / batch_size)
+    chunks = [(start, min(start + chunk_batches, num_batches)) for start in range(0, num_batches, chunk_batches)]
+    partial_dir = cache_root / f"{key}.partial"
+
+    def chunk_rows(chunk: tuple[int, int]) -> tuple[int, int]:
+        return chunk[0] * batch_size, min(chunk[1] * batch_size, len(data))
+
+    def chunk_path(chunk: tuple[int, int]) -> Path:
+        first_row, end_row = chunk_rows(chunk)
+        return partial_dir / f"rows-{first_row:010d}-{end_row:010d}.npz"
+
+    def load_chunk(chunk: tuple[int, int]) -> np.ndarray:
+        logits = _load_arrays(chunk_path(chunk))["logits"]
+        rows = chunk_rows(chunk)[1] - chunk_rows(chunk)[0]
+        if logits.dtype != np.float32 or logits.ndim != 2 or len(logits) != rows:
+            raise ValueError(f"{chunk_path(chunk)} holds {logits.shape} {logits.dtype}, expected {rows} rows.")
+        return logits
+
+    if state.is_main_process:
+        pending = []
+        for chunk in chunks:
+            if not (use_cache and chunk_path(chunk).exists()):
+                pending.append(chunk)
+                continue
+            try:
+                load_chunk(chunk)
+            except ValueError as error:
+                logger.warning("Recomputing a damaged chunk: %s", error)
+                chunk_path(chunk).unlink(missing_ok=True)
+                pending.append(chunk)
+        if len(pending) < len(chunks):
+            logger.info(
+                "Resuming %s: %d of %d chunks already recorded.", model_name, len(chunks) - len(pending), len(chunks)
+            )
+    pending = broadcast_object_list([pending])[0]
+
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = state.device if state.num_processes > 1 else (parameter.device if parameter is not None else "cpu")
+    model.to(device).eval()
+    loader_batches = _Batches(data, image_column, processor, batch_size)
+    computed: dict[tuple[int, int], np.ndarray] = {}
+    progress_bar = tqdm(
+        total=sum(chunk_rows(chunk)[1] - chunk_rows(chunk)[0] for chunk in pending),
+        unit="img",
+        desc=f"Recording {model_name}",
+        disable=not (progress and state.is_main_process),
+    )
+    # This process's batches: by global batch index, so chunks whose size is not a multiple of the world size balance
+    # out. One loader over all of them (workers start once); each chunk takes its own batches from it in order.
+    own_batches = {
+        chunk: [b for b in range(chunk[0], chunk[1]) if b % state.num_processes == state.process_index]
+        for chunk in pending
+    }
+    loader = iter(
+        torch.utils.data.DataLoader(
+            torch.utils.data.Subset(loader_batches, [b for chunk in pending for b in own_batches[chunk]]),
+            batch_size=None,
+            num_workers=num_workers,
+        )
+    )
+    with progress_bar, torch.inference_mode():
+        for chunk in pending:
+            own_logits = {}
+            for _ in own_batches[chunk]:
+                batch_index, pixel_values = next(loader)
+                logits = model(pixel_values=pixel_values.to(device)).logits
+                own_logits[int(batch_index)] = logits.float().cpu().numpy()
+            gathered = gather_object([own_logits]) if state.num_processes > 1 else [own_logits]
+            if state.is_main_process:
+                by_batch = {index: logits for part in gathered for index, logits in part.items()}
+                chunk_logits = np.concatenate([by_batch[index] for index in range(chunk[0], chunk[1])])
+                if use_cache:
+                    _save_arrays(chunk_path(chunk), {"logits": chunk_logits})
+                computed[chunk] = chunk_logits
+                progress_bar.update(len(chunk_logits))
+
+    records = None
+    if state.is_main_process:
+        logits = np.concatenate([computed[c] if c in computed else load_chunk(c) for c in chunks])
+        labels = np.asarray(data[label_column], dtype=np.int64) if label_column is not None else None
+        records = Records(
+            logits=logits,
+            predictions=logits.argmax(axis=-1),
+            labels=labels,
+            model_name=str(model_name),
+            model_hash=model_hash,
+            dataset_fingerprint=fingerprint,
+            split=split,
+            preprocessing=json.loads(json.dumps(description, default=str)) if description is not None else {},
+            cache_key=key if use_cache else None,
+        )
+        if use_cache:
+            records.save(cache_root / f"{key}.npz")
+            shutil.rmtree(partial_dir, ignore_errors=True)
+    return broadcast_object_list([records])[0]
+
+
+def pair_from_records(
+    saver_records: Records,
+    base_records: Records,
+    relative_saver_macs: float,
+    confidence_metric: str = "max_prob",
+    temperature: float = 1.0,
+    label_mapping: Sequence[int] | None = None,
+) -> CascadeSimulation:
+    """Builds the cascade simulation of a saver and a base recorded on the same split.
+
+    Args:
+        saver_records: The saver's records.
+        base_records: The base's records on the same data and split (preprocessing may differ).
+        relative_saver_macs: Saver MACs / base MACs.
+        confidence_metric: `"max_prob"`, `"margin"` or `"entropy"`.
+        temperature: Divides the saver's logits before the confidence is computed.
+        label_mapping: Saver class `i` -> base class `label_mapping[i]`, as in `TinySaverConfig`.
+
+    Returns:
+        A [`CascadeSimulation`] whose confidences are `compute_confidence` of the saver's float32 logits, as in the
+        deployed cascade.
+    """
+    if (saver_records.dataset_fingerprint, saver_records.split) != (
+        base_records.dataset_fingerprint,
+        base_records.split,
+    ) or saver_records.n != base_records.n:
+        raise ValueError(
+            f"The saver was recorded on {saver_records.split!r} ({saver_records.n} rows, data "
+            f"{saver_records.dataset_fingerprint[:12]}) but the base on {base_records.split!r} ({base_records.n} "
+            f"rows, data {base_records.dataset_fingerprint[:12]}); record both on the same split."
+        )
+    labels = base_records.labels if base_records.labels is not None else saver_records.labels
+    if saver_records.labels is not None and base_records.labels is not None:
+        if not np.array_equal(saver_records.labels, base_records.labels):
+            raise ValueError(
+                "The saver's and the base's records hold different labels; record both on the same split."
+            )
+    return CascadeSimulation.from_logits(
+        saver_records.logits,
+        base_records.predictions,
+        labels,
+        relative_saver_macs=relative_saver_macs,
+        confidence_metric=confidence_metric,
+        temperature=temperature,
+        label_mapping=label_mapping,
+    )
+
+
+__all__ = [
+    "RECORDS_FORMAT_VERSION",
+    "Records",
+    "default_cache_dir",
+    "distributed_state",
+    "folder_fingerprint",
+    "model_fingerprint",
+    "pair_from_records",
+    "record",
+]

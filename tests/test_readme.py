@@ -1,0 +1,49 @@
+"""The README's commands and Python snippets run as written."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT, SHARED, requires_shared
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def readme_snippet(name: str) -> str:
+    match = re.search(rf"<!-- readme-snippet: {name} -->\n```python\n(.*?)```", README, flags=re.DOTALL)
+    assert match, f"README has no python snippet marked {name!r}"
+    return match.group(1)
+
+
+def test_ci_runs_exactly_the_readme_install_and_test_commands():
+    ci_script = (REPO_ROOT / ".ci" / "run").read_text()
+    bash_blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
+    commands = [line.strip() for block in bash_blocks for line in block.splitlines() if line.strip()]
+    assert 'pip install -e ".[dev]"' in commands and "pytest" in commands
+    assert 'python -m pip install -e ".[dev]"' in ci_script and "python -m pytest" in ci_script
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_python_quickstart_runs_as_written(tmp_path):
+    env = {**os.environ, "TINYSAVER_ASSETS": str(SHARED), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", readme_snippet("quickstart")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    exited_text, predictions_text = re.fullmatch(r"(\[.*?\]) (\[.*?\])", lines[0]).groups()
+    exited, predictions = ast.literal_eval(exited_text), ast.literal_eval(predictions_text)
+    assert len(exited) == len(predictions) == 4
+    assert (tmp_path / "cifar10-resnet20-to-56" / "model.safetensors").exists()
+    assert "'label':" in lines[-1]
