@@ -31,7 +31,6 @@ from hf_tinysaver.esn import (
     evaluate_exits,
     exit_records,
     extract_exit_features,
-    lowest_passing_threshold,
     search_exit_thresholds,
     sequential_thresholds,
     train_exit_sequence,
@@ -346,18 +345,28 @@ def brute_force_exits(confidence, correct_if_exit, correct_otherwise, min_correc
     return best
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_lowest_passing_threshold_matches_brute_force(seed):
+@pytest.mark.parametrize("seed", range(6))
+def test_each_sequential_step_lets_the_most_images_exit(seed):
     rng = np.random.default_rng(seed)
     count = 40
-    confidence = np.round(rng.random(count), 1)  # many ties
-    correct_if_exit = rng.random(count) < confidence
-    correct_otherwise = rng.random(count) < 0.7
-    min_correct = correct_otherwise.sum() - rng.integers(0, 4)
-    threshold = lowest_passing_threshold(confidence, correct_if_exit, correct_otherwise, min_correct)
-    leaving = confidence > threshold
-    assert leaving.sum() == brute_force_exits(confidence, correct_if_exit, correct_otherwise, min_correct)
-    assert correct_if_exit[leaving].sum() + correct_otherwise[~leaving].sum() >= min_correct
+    labels = rng.integers(0, 3, count)
+    confidences = np.round(rng.random((count, 2)), 1)  # many ties
+    right = rng.random((count, 3)) < np.array([[0.6, 0.7, 0.8]])
+    records = ExitRecords(confidences, np.where(right, labels[:, None], (labels[:, None] + 1) % 3), labels)
+    max_drop = (0.0, 5.0, 10.0)[seed % 3]
+    thresholds = sequential_thresholds(records, [max_drop, max_drop])
+
+    correct = records.correct
+    min_correct = correct[:, -1].sum() - max_drop / 100 * count
+    first = confidences[:, 0] > thresholds[0]
+    assert first.sum() == brute_force_exits(confidences[:, 0], correct[:, 0], correct[:, -1], min_correct)
+    rest = ~first
+    second = rest & (confidences[:, 1] > thresholds[1])
+    assert second.sum() == brute_force_exits(
+        confidences[rest, 1], correct[rest, 1], correct[rest, -1], min_correct - correct[first, 0].sum()
+    )
+    answers = np.where(first, correct[:, 0], np.where(second, correct[:, 1], correct[:, -1]))
+    assert answers.sum() >= min_correct - 1e-9
 
 
 def synthetic_records(count=2000, exits=3, seed=0) -> ExitRecords:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calibration import CascadeSimulation
 from .confidence import compute_confidence
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
 
@@ -422,53 +423,13 @@ def evaluate_exits(
     }
 
 
-def lowest_passing_threshold(
-    confidence: np.ndarray, correct_if_exit: np.ndarray, correct_otherwise: np.ndarray, min_correct: float
-) -> float:
-    """The threshold that lets the most images exit while the total number of right answers stays >= `min_correct`.
-
-    An image exits when its confidence is strictly greater than the threshold; exiting images count as right when
-    `correct_if_exit`, the others when `correct_otherwise`. Tied images exit together. The threshold sits midway
-    between the lowest exiting and the highest staying confidence (as `hf_tinysaver.calibration` places them), so
-    float noise in a re-computed confidence does not flip a decision. Vectorised: one sort, two cumulative sums.
-
-    Args:
-        confidence: `(n,)` confidences.
-        correct_if_exit: `(n,)` bool, right when answered here.
-        correct_otherwise: `(n,)` bool, right when answered later.
-        min_correct: Right answers required among these `n` images.
-
-    Returns:
-        The threshold; at least 1.0 (above every confidence metric) when no image may exit.
-    """
-    count = len(confidence)
-    if count == 0:
-        return 1.0
-    order = np.argsort(-confidence, kind="stable")
-    descending = confidence[order]
-    right_if_exit = np.concatenate([[0], np.cumsum(correct_if_exit[order], dtype=np.int64)])
-    right_otherwise = np.concatenate([[0], np.cumsum(correct_otherwise[order], dtype=np.int64)])
-    total_right = right_if_exit + (right_otherwise[-1] - right_otherwise)  # when the top k = 0..n images exit
-    boundary = np.ones(count + 1, dtype=bool)
-    boundary[1:count] = descending[:-1] > descending[1:]
-    feasible = np.flatnonzero(boundary & (total_right >= min_correct - 1e-9))
-    exits = int(feasible[-1]) if feasible.size else 0
-    if exits == 0:
-        return max(1.0, float(descending[0]))
-    lowest_exiting = float(descending[exits - 1])
-    if exits < count:
-        highest_staying = float(descending[exits])
-    else:
-        highest_staying = 0.0 if lowest_exiting > 0 else lowest_exiting - 1.0
-    midpoint = highest_staying + (lowest_exiting - highest_staying) / 2.0
-    return midpoint if midpoint < lowest_exiting else highest_staying
-
-
 def sequential_thresholds(records: ExitRecords, allowed_drops: Sequence[float]) -> list[float]:
-    """Thresholds chosen exit by exit, first exit first.
+    """Thresholds chosen exit by exit, first exit first, with the `max-drop` objective of `hf_tinysaver.calibration`.
 
     Exit `e` takes the lowest threshold for which the accuracy of the whole cascade, with exits `0..e` set and every
-    later image answered by the base, stays at least `base accuracy - allowed_drops[e]` points.
+    later image answered by the base, stays at least `base accuracy - allowed_drops[e]` points. Each step is the
+    plain cascade's calibration ([`~calibration.CascadeSimulation`], `max-drop`) on the images still running, exit
+    `e` in the saver's role and the base's final answer in the base's, given what the earlier exits already cost.
 
     Args:
         records: Calibration records.
@@ -477,22 +438,33 @@ def sequential_thresholds(records: ExitRecords, allowed_drops: Sequence[float]) 
     Returns:
         One threshold per exit.
     """
-    confidences, correct = records.confidences, records.correct
+    confidences, predictions, labels = records.confidences, records.predictions, records.labels
     count, num_exits = confidences.shape
     if len(allowed_drops) != num_exits:
         raise ValueError(f"Expected {num_exits} allowed drops, got {len(allowed_drops)}.")
-    base_right = int(correct[:, -1].sum())
+    if np.any(np.diff(np.asarray(allowed_drops, dtype=np.float64)) < 0):
+        raise ValueError(f"allowed_drops must be non-decreasing, got {list(allowed_drops)}.")
+    correct = records.correct
     answered = np.zeros(count, dtype=bool)
-    answer_correct = correct[:, -1].copy()
+    lost = 0  # right answers of the base that earlier exits turned wrong, net of the reverse
     thresholds = []
     for exit_number in range(num_exits):
         pending = ~answered
-        required = base_right - allowed_drops[exit_number] / 100.0 * count - int(answer_correct[answered].sum())
-        threshold = lowest_passing_threshold(
-            confidences[pending, exit_number], correct[pending, exit_number], correct[pending, -1], required
+        pending_count = int(pending.sum())
+        if pending_count == 0:
+            thresholds.append(1.0)
+            continue
+        # Integer loss budget, rounded as `CascadeSimulation` rounds it; >= 0 as the budgets never shrink.
+        allowed_loss = math.floor(round(allowed_drops[exit_number] / 100.0 * count, 9)) - lost
+        simulation = CascadeSimulation(
+            confidences[pending, exit_number],
+            predictions[pending, exit_number],
+            predictions[pending, -1],
+            labels[pending],
         )
+        threshold = simulation.calibrate("max-drop", max_drop=100.0 * allowed_loss / pending_count).threshold
         leaving = pending & (confidences[:, exit_number] > threshold)
-        answer_correct[leaving] = correct[leaving, exit_number]
+        lost += int(correct[leaving, -1].sum()) - int(correct[leaving, exit_number].sum())
         answered |= leaving
         thresholds.append(threshold)
     return thresholds
@@ -579,7 +551,6 @@ __all__ = [
     "evaluate_exits",
     "exit_records",
     "extract_exit_features",
-    "lowest_passing_threshold",
     "model_fingerprint",
     "search_exit_thresholds",
     "sequential_thresholds",

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
 from .configuration_tinysaver_esn import TinySaverESNConfig
-from .modeling_tinysaver import TinySaverForImageClassification, find_preprocessing, load_classifier
+from .modeling_tinysaver import TinySaverForImageClassification, find_macs, find_preprocessing, load_classifier
 
 SUPPORTED_BASES = (
     "hf_tinysaver's CIFAR ResNets (any model exposing `forward_stem`, `stages` and `forward_head`)",
@@ -627,7 +627,7 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
 
         Args:
             saver_macs (`int`, *optional*):
-                The saver's MACs if already known; counted otherwise.
+                The saver's MACs if already known; otherwise as recorded in its config or counted.
 
         Returns:
             `config.exit_macs`.
@@ -635,6 +635,9 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         staged = self._staged_base
         saver_probe = _probe_input(self.saver, self.config.saver_preprocessing)
         base_probe = _probe_input(self.base, self.config.base_preprocessing)
+        if saver_macs is None:
+            # As the plain cascade counts it (recorded in the config, or hf_tinysaver.flops), so costs compare.
+            saver_macs = find_macs(self.saver, self.config.saver_preprocessing)
         if saver_macs is None:
             saver_macs = count_macs_of(lambda x: self.saver(pixel_values=x), saver_probe)
         with torch.no_grad():
