@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -672,21 +671,19 @@ def test_feature_cache_is_keyed_on_content_and_reused(cifar_model, tiny_dataset_
 
 
 def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
-    from hf_tinysaver import esn_cli
+    from hf_tinysaver.cli import main
 
     saver_dir, base_dir = tmp_path / "saver", tmp_path / "base"
     tiny_cifar(8, 0).save_pretrained(saver_dir)
     tiny_cifar(14, 1).save_pretrained(base_dir)
-    parser = argparse.ArgumentParser()
-    esn_cli.add_parser(parser.add_subparsers())
     out_dir, results_file = tmp_path / "esn", tmp_path / "results" / "esn.json"
-    args = parser.parse_args(
+    exit_code = main(
         ["esn-train", "--saver", str(saver_dir), "--base", str(base_dir), "--dataset", str(tiny_dataset_dir)]
         + ["--width", "16", "--layers", "1", "--heads", "2", "--epochs", "2", "-b", "16", "--max-drop", "10"]
         + ["--out", str(out_dir), "--results-file", str(results_file), "--cache-dir", str(tmp_path / "cache")]
         + ["--quiet"]
     )
-    assert args.func(args) == 0
+    assert exit_code == 0
     results = json.loads(results_file.read_text())
     assert results["splits"] == {"train": "train", "calib": "test[:50%]", "eval": "test[50%:]"}
     for cascade in ("esn", "tinysaver"):

@@ -27,6 +27,7 @@ import torch
 
 from .calibration import CascadeSimulation
 from .confidence import compute_confidence
+from .image_processing_tinysaver import normalize_preprocessing
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
 
 FEATURES_FORMAT_VERSION = 1
@@ -128,6 +129,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _normalized(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    return normalize_preprocessing(spec) if spec is not None else None
+
+
 def _features_key(model: TinySaverESNForImageClassification, data_fingerprint: str) -> str:
     description = {
         "format": FEATURES_FORMAT_VERSION,
@@ -136,8 +141,9 @@ def _features_key(model: TinySaverESNForImageClassification, data_fingerprint: s
         "base": model_fingerprint(model.base),
         "exit_stages": model.config.exit_stages,
         "label_mapping": model.config.label_mapping,
-        "saver_preprocessing": model.config.saver_preprocessing,
-        "base_preprocessing": model.config.base_preprocessing,
+        # Normalised: the same preprocessing spelt with or without its defaults shares the cache.
+        "saver_preprocessing": _normalized(model.config.saver_preprocessing),
+        "base_preprocessing": _normalized(model.config.base_preprocessing),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
