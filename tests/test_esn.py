@@ -638,6 +638,17 @@ def test_push_to_hub_and_load_by_id(saved_esn, tmp_path):
     assert torch.equal(actual.logits, expected.logits) and torch.equal(actual.exit_index, expected.exit_index)
 
 
+def test_push_a_saved_folder(saved_esn, tmp_path):
+    from hf_tinysaver.hub import push_cascade
+    from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
+
+    directory, model, _, _ = saved_esn
+    with FakeHub(tmp_path / "hub") as hub, hub.client_environment(tmp_path / "hf_home", token=DEFAULT_TOKEN):
+        push_cascade(directory, "tester/esn-folder")
+        uploaded = json.loads(hub.file_bytes("tester/esn-folder", "config.json"))
+    assert uploaded["model_type"] == "tinysaver_esn" and uploaded["exit_thresholds"] == model.config.exit_thresholds
+
+
 # --- features cache and CLI end to end --------------------------------------------------------------------------
 
 
