@@ -716,3 +716,20 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
     )
     rates = np.bincount(outputs.exit_index.numpy(), minlength=4) / len(labels)
     assert rates.tolist() == pytest.approx(results["esn"]["eval"]["exit_rates"])
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from hf_tinysaver import esn, modeling_tinysaver_esn
+
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for name, obj in (
+        ("TinySaverESNConfig", TinySaverESNConfig),
+        ("TinySaverESNForImageClassification", modeling_tinysaver_esn.TinySaverESNForImageClassification),
+        ("search_exit_thresholds", esn.search_exit_thresholds),
+        ("esn", esn),
+    ):
+        text = obj.__doc__.replace("```python", "").replace("```", "")
+        runner.run(doctest.DocTestParser().get_doctest(text, {}, name, None, 0))
+    assert runner.summarize(verbose=False).failed == 0

@@ -7,6 +7,24 @@ cached on disk. Training, threshold search and evaluation then run on those smal
 Exit decisions here use exactly the code path of [`TinySaverESNForImageClassification`]'s stage-by-stage forward
 (tokens embedded one exit at a time, each exit computed from the tokens so far), so thresholds chosen on records
 carry over to the deployed model.
+
+Example (the `tinysaver esn-train` command runs these steps):
+
+```python
+>>> from hf_tinysaver import TinySaverESNForImageClassification
+>>> from hf_tinysaver.esn import cached_exit_features, exit_records, search_exit_thresholds, train_exit_sequence
+>>> from hf_tinysaver.zoo import load_zoo_dataset
+
+>>> model = TinySaverESNForImageClassification.from_saver_and_base(
+...     "cifar10-resnet20", "cifar10-resnet56", esn_width=128, esn_layers=1
+... )  # doctest: +SKIP
+>>> train = cached_exit_features(model, load_zoo_dataset("cifar10", "train"))  # doctest: +SKIP
+>>> train_exit_sequence(model, train, epochs=20)  # doctest: +SKIP
+>>> calib = exit_records(model, cached_exit_features(model, load_zoo_dataset("cifar10", "test[:50%]")))  # doctest: +SKIP
+>>> config = model.config  # doctest: +SKIP
+>>> search = search_exit_thresholds(calib, config.exit_macs, config.base_macs, max_drop=0.5)  # doctest: +SKIP
+>>> config.threshold, config.exit_thresholds = search.thresholds[0], search.thresholds[1:]  # doctest: +SKIP
+```
 """
 
 from __future__ import annotations
@@ -120,8 +138,8 @@ def dataset_fingerprint(dataset: Any, image_column: str = "image", label_column:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's parameters and buffers."""
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's parameters and buffers only: features do not depend on its config's bookkeeping keys."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -137,8 +155,8 @@ def _features_key(model: TinySaverESNForImageClassification, data_fingerprint: s
     description = {
         "format": FEATURES_FORMAT_VERSION,
         "data": data_fingerprint,
-        "saver": model_fingerprint(model.saver),
-        "base": model_fingerprint(model.base),
+        "saver": weights_fingerprint(model.saver),
+        "base": weights_fingerprint(model.base),
         "exit_stages": model.config.exit_stages,
         "label_mapping": model.config.label_mapping,
         # Normalised: the same preprocessing spelt with or without its defaults shares the cache.
@@ -416,13 +434,13 @@ def evaluate_exits(
         )
     exit_index = assign_exits(records.confidences, thresholds)
     correct = records.correct
-    answer_correct = correct[np.arange(len(exit_index)), exit_index]
-    accuracy = float(answer_correct.mean())
-    base_accuracy = float(correct[:, -1].mean())
+    count = len(exit_index)
+    right = int(correct[np.arange(count), exit_index].sum())
+    base_right = int(correct[:, -1].sum())
     return {
-        "accuracy": accuracy,
-        "base_accuracy": base_accuracy,
-        "drop": (base_accuracy - accuracy) * 100.0,
+        "accuracy": right / count,
+        "base_accuracy": base_right / count,
+        "drop": 100.0 * (base_right - right) / count,  # from counts: no float residue on a drop exactly at target
         "exit_rates": (np.bincount(exit_index, minlength=num_points) / len(exit_index)).tolist(),
         "relative_macs": float(np.asarray(exit_macs, dtype=np.float64)[exit_index].mean() / base_macs),
         "num_images": int(len(exit_index)),
@@ -512,6 +530,22 @@ def search_exit_thresholds(
 
     Returns:
         A [`ThresholdSearchResult`].
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_tinysaver.esn import ExitRecords, search_exit_thresholds
+
+    >>> rng = np.random.default_rng(0)
+    >>> labels = rng.integers(0, 10, 1000)
+    >>> confidences = rng.random((1000, 2))  # the saver's, then one ESN exit's
+    >>> right = rng.random((1000, 3)) < [[0.7, 0.75, 0.8]]  # saver, ESN exit, base
+    >>> records = ExitRecords(confidences, np.where(right, labels[:, None], (labels[:, None] + 1) % 10), labels)
+    >>> result = search_exit_thresholds(records, exit_macs=[30, 70, 130], base_macs=100, max_drop=1.0)
+    >>> len(result.thresholds), result.calibration["drop"] <= 1.0
+    (2, True)
+    ```
     """
     num_exits = records.confidences.shape[1]
     if max_drop < 0:
@@ -557,9 +591,9 @@ __all__ = [
     "evaluate_exits",
     "exit_records",
     "extract_exit_features",
-    "model_fingerprint",
     "search_exit_thresholds",
     "sequential_thresholds",
     "train_exit_sequence",
+    "weights_fingerprint",
     "write_json_atomic",
 ]
