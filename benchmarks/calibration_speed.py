@@ -97,6 +97,7 @@ def main() -> None:
         "all_objectives_from_logits_ms": median_ms(from_logits, args.repeats),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],  # other jobs on the machine slow threaded torch ops down
         "machine": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -14,6 +14,8 @@ import sys
 COMMAND_MODULES = [
     "hf_tinysaver.zoo.cli",
     "hf_tinysaver.hub_cli",
+    "hf_tinysaver.workflow_cli",
+    "hf_tinysaver.search_cli",
     "hf_tinysaver.esn_cli",
 ]
 

@@ -1,0 +1,187 @@
+"""`tinysaver record`, `tinysaver calibrate` and `tinysaver evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | None = None) -> None:
+    parser.add_argument(
+        "--dataset",
+        "-d",
+        required=True,
+        help="Zoo dataset (cifar10, imagenet-val-1300), local dataset folder or Hub id.",
+    )
+    parser.add_argument(
+        "--split",
+        default=default_split,
+        required=default_split is None,
+        help="Split with slicing, e.g. 'test[:50%%]'.",
+    )
+    parser.add_argument("--batch-size", "-b", type=int, default=64, help="Images per forward pass.")
+    parser.add_argument(
+        "--assets", default=None, help="Folder with the real weights and datasets (default: ../shared)."
+    )
+    parser.add_argument("--cache-dir", default=None, help="Records cache (default: $TINYSAVER_CACHE or ~/.cache).")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
+
+
+def add_parser(subparsers) -> None:
+    record_parser = subparsers.add_parser(
+        "record", help="Run one model over a dataset split and cache its per-sample logits."
+    )
+    record_parser.add_argument("--model", "-m", required=True, help="Zoo name, local model folder or Hub id.")
+    _add_data_arguments(record_parser)
+    record_parser.add_argument("--results-file", default=None, help="Write a JSON summary (accuracy, n, cache key).")
+    record_parser.set_defaults(func=run_record)
+
+    calibrate_parser = subparsers.add_parser(
+        "calibrate", help="Choose a cascade's exit threshold on a split and save the calibrated cascade."
+    )
+    calibrate_parser.add_argument("--saver", "-s", required=True, help="Zoo name, local model folder or Hub id.")
+    calibrate_parser.add_argument("--base", "-B", required=True, help="Zoo name, local model folder or Hub id.")
+    _add_data_arguments(calibrate_parser)
+    calibrate_parser.add_argument(
+        "--objective",
+        default="max-drop",
+        choices=["paper-no-loss", "max-drop", "exit-rate", "budget", "agreement"],
+        help="How to choose the threshold.",
+    )
+    calibrate_parser.add_argument(
+        "--max-drop", type=float, default=None, help="max-drop: allowed top-1 drop in points."
+    )
+    calibrate_parser.add_argument("--exit-rate", type=float, default=None, help="exit-rate: fraction that must exit.")
+    calibrate_parser.add_argument("--budget", type=float, default=None, help="budget: target relative MACs.")
+    calibrate_parser.add_argument(
+        "--max-disagreement",
+        type=float,
+        default=None,
+        help="agreement: allowed fraction of disagreements with the base.",
+    )
+    calibrate_parser.add_argument(
+        "--confidence-level",
+        type=float,
+        default=None,
+        help="max-drop/agreement: hold the target on fresh data with this probability (Clopper-Pearson bound).",
+    )
+    calibrate_parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    calibrate_parser.add_argument(
+        "--fit-temperature", action="store_true", help="Fit the saver's confidence temperature on the split first."
+    )
+    calibrate_parser.add_argument("--out", "-o", required=True, help="Folder to save the calibrated cascade in.")
+    calibrate_parser.set_defaults(func=run_calibrate)
+
+    evaluate_parser = subparsers.add_parser(
+        "evaluate", help="Run a saved cascade over a split and measure accuracy, exit rate, MACs and speed."
+    )
+    evaluate_parser.add_argument("--model", "-m", required=True, help="A saved cascade folder or Hub id.")
+    _add_data_arguments(evaluate_parser)
+    evaluate_parser.add_argument("--threshold", type=float, default=None, help="Override the saved threshold.")
+    evaluate_parser.add_argument("--results-file", default=None, help="Write the results as JSON here.")
+    evaluate_parser.set_defaults(func=run_evaluate)
+
+
+def _objective_parameters(args: argparse.Namespace) -> dict:
+    parameters = {
+        "max-drop": {"max_drop": args.max_drop, "confidence_level": args.confidence_level},
+        "exit-rate": {"exit_rate": args.exit_rate},
+        "budget": {"relative_macs": args.budget},
+        "agreement": {"max_disagreement": args.max_disagreement, "confidence_level": args.confidence_level},
+        "paper-no-loss": {},
+    }[args.objective]
+    if args.objective == "max-drop" and args.max_drop is None:
+        parameters["max_drop"] = 0.5
+    missing = [name for name, value in parameters.items() if value is None and name != "confidence_level"]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-").replace("relative-macs", "budget") for name in missing)
+        raise ValueError(f"The {args.objective} objective needs {flags}.")
+    return parameters
+
+
+def run_record(args: argparse.Namespace) -> int:
+    from .image_processing_tinysaver import TinySaverImageProcessor
+    from .modeling_tinysaver import find_preprocessing
+    from .records import distributed_state, record
+    from .workflow import load_model, resolve_dataset_source, write_json_atomic
+
+    model = load_model(args.model, args.assets)
+    preprocessing = find_preprocessing(model, args.model, role="model")
+    records = record(
+        model,
+        TinySaverImageProcessor(preprocessing=preprocessing),
+        resolve_dataset_source(args.dataset, args.assets),
+        split=args.split,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        preprocessing=preprocessing,
+        model_name=args.model,
+        progress=args.progress,
+    )
+    summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": records.n}
+    summary.update(accuracy=records.accuracy, cache_key=records.cache_key, num_labels=int(records.logits.shape[1]))
+    if distributed_state().is_main_process:
+        print(f"{args.model} on {args.dataset} {args.split}: n={records.n}", end="")
+        print(f", top-1 {100 * records.accuracy:.2f} %" if records.accuracy is not None else "")
+        if args.results_file:
+            write_json_atomic(args.results_file, summary)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .records import distributed_state
+    from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade
+
+    parameters = _objective_parameters(args)
+    cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
+    result, simulation = calibrate_cascade(
+        cascade,
+        args.dataset,
+        args.split,
+        objective=args.objective,
+        fit_temperature=args.fit_temperature,
+        batch_size=args.batch_size,
+        assets=args.assets,
+        cache_dir=args.cache_dir,
+        progress=args.progress,
+        **parameters,
+    )
+    if not distributed_state().is_main_process:
+        return 0
+    out = save_calibrated_cascade(cascade, result, simulation, args.out)
+    print(f"Calibrated {args.saver} -> {args.base} ({args.objective}): {result.describe()}")
+    plot = ", tradeoff.png" if "plot" in cascade.config.calibration else ""
+    print(f"Saved the cascade to {out} (calibration.json, tradeoff.csv{plot})")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForImageClassification
+
+    from .records import distributed_state
+    from .workflow import evaluate_cascade, write_json_atomic
+
+    if not (os.path.isdir(args.model) or "/" in args.model):
+        raise ValueError(f"--model must be a saved cascade folder or Hub id, got {args.model!r}.")
+    cascade = AutoModelForImageClassification.from_pretrained(args.model)
+    if args.threshold is not None:
+        cascade.config.threshold = args.threshold
+    results = evaluate_cascade(
+        cascade,
+        args.dataset,
+        args.split,
+        batch_size=args.batch_size,
+        assets=args.assets,
+        cache_dir=args.cache_dir,
+        progress=args.progress,
+    )
+    results["model"] = str(args.model)
+    if distributed_state().is_main_process:
+        print(
+            f"accuracy {100 * results['accuracy']:.2f} % (base {100 * results['base_accuracy']:.2f} %, drop "
+            f"{results['accuracy_drop_points']:.2f} points), exit rate {results['exit_rate']:.4f}, relative MACs "
+            f"{results['relative_macs']:.4f}, {results['images_per_second']:.1f} img/s, n={results['n']}"
+        )
+        if args.results_file:
+            write_json_atomic(args.results_file, results)
+    return 0
