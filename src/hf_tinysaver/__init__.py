@@ -15,6 +15,7 @@ from .calibration import (
 from .confidence import CONFIDENCE_METRICS, compute_confidence
 from .configuration_cifar_resnet import CIFAR10_LABELS, CifarResNetConfig
 from .configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
+from .configuration_tinysaver_esn import TinySaverESNConfig
 from .image_processing_tinysaver import (
     TinySaverImageProcessor,
     normalize_preprocessing,
@@ -23,6 +24,7 @@ from .image_processing_tinysaver import (
 )
 from .modeling_cifar_resnet import CifarResNetForImageClassification
 from .modeling_tinysaver import TinySaverForImageClassification, TinySaverImageClassifierOutput
+from .modeling_tinysaver_esn import TinySaverESNForImageClassification, TinySaverESNImageClassifierOutput
 from .records import Records, pair_from_records, record
 
 __version__ = TINYSAVER_VERSION
@@ -35,12 +37,17 @@ AutoImageProcessor.register(
 )
 AutoConfig.register(CifarResNetConfig.model_type, CifarResNetConfig, exist_ok=True)
 AutoModelForImageClassification.register(CifarResNetConfig, CifarResNetForImageClassification, exist_ok=True)
+AutoConfig.register(TinySaverESNConfig.model_type, TinySaverESNConfig, exist_ok=True)
+AutoModelForImageClassification.register(TinySaverESNConfig, TinySaverESNForImageClassification, exist_ok=True)
+AutoImageProcessor.register(TinySaverESNConfig, TinySaverImageProcessor, exist_ok=True)
 # ...and with it (`trust_remote_code=True`) where it is not installed: saved folders carry `auto_map` and the code.
 TinySaverConfig.register_for_auto_class()
 TinySaverForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 TinySaverImageProcessor.register_for_auto_class("AutoImageProcessor")
 CifarResNetConfig.register_for_auto_class()
 CifarResNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+TinySaverESNConfig.register_for_auto_class()
+TinySaverESNForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "CIFAR10_LABELS",
@@ -52,6 +59,9 @@ __all__ = [
     "InfeasibleTargetError",
     "Records",
     "TinySaverConfig",
+    "TinySaverESNConfig",
+    "TinySaverESNForImageClassification",
+    "TinySaverESNImageClassifierOutput",
     "TinySaverForImageClassification",
     "TinySaverImageClassifierOutput",
     "TinySaverImageProcessor",

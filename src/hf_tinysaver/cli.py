@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "hf_tinysaver.workflow_cli",
     "hf_tinysaver.demo",
     "hf_tinysaver.search_cli",
+    "hf_tinysaver.esn_cli",
 ]
 
 

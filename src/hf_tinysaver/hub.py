@@ -52,8 +52,11 @@ def _load_cascade_config(folder: Path) -> TinySaverConfig:
         raise FileNotFoundError(
             f"{folder} has no config.json: save the cascade first with `cascade.save_pretrained({str(folder)!r})`."
         )
-    config = TinySaverConfig.from_pretrained(folder)
-    if getattr(config, "model_type", None) != TinySaverConfig.model_type:
+    from transformers import AutoConfig
+
+    # Through AutoConfig so that registered TinySaverConfig subclasses (the ESN's) load as themselves.
+    config = AutoConfig.from_pretrained(folder)
+    if not isinstance(config, TinySaverConfig):
         raise ValueError(f"{folder} does not hold a TinySaver cascade (config.json has another model_type).")
     return config
 

@@ -1,0 +1,248 @@
+"""`tinysaver esn-train`: train an Exit Sequence Network on a frozen saver and base, calibrate it, save it.
+
+Example:
+
+```bash
+tinysaver esn-train --saver cifar10-resnet20 --base cifar10-resnet56 --dataset cifar10 \\
+    --train-split train --calib-split "test[:50%]" --eval-split "test[50%:]" \\
+    --width 128 --layers 1 --epochs 20 --max-drop 0.5 --out esn-resnet20-resnet56 --results-file esn.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+from .esn import (
+    cached_exit_features,
+    evaluate_exits,
+    exit_records,
+    search_exit_thresholds,
+    train_exit_sequence,
+    write_json_atomic,
+)
+from .modeling_tinysaver_esn import TinySaverESNForImageClassification
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "esn-train",
+        help="Train, calibrate and save an Exit Sequence Network (multi-exit TinySaver).",
+        description=(
+            "Trains the ESN of a TinySaver cascade on cached features of the frozen saver and base, picks one "
+            "threshold per exit on the calibration split for an allowed accuracy drop, reports held-out numbers "
+            "and saves the model (remote code included)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--saver", required=True, help="Saver: a saved model folder, a Hub id or a zoo name.")
+    models.add_argument("--base", required=True, help="Base: a saved model folder, a Hub id or a zoo name.")
+    models.add_argument(
+        "--exit-stages",
+        default=None,
+        help="Comma-separated base stages (module paths) followed by an exit; default: every stage but the last.",
+    )
+    models.add_argument("--confidence", default="max_prob", choices=("max_prob", "margin", "entropy"))
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="A local dataset folder, a Hub dataset id or a zoo name.")
+    data.add_argument("--train-split", default="train", help="Split the ESN is trained on.")
+    data.add_argument("--calib-split", default="test[:50%]", help="Split the thresholds are chosen on.")
+    data.add_argument(
+        "--eval-split", default="test[50%:]", help="Held-out split for the reported numbers ('' to skip)."
+    )
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--label-column", default="label")
+    data.add_argument("--cache-dir", default=None, help="Feature cache (default: $TINYSAVER_CACHE/esn).")
+
+    esn = parser.add_argument_group("ESN")
+    esn.add_argument("--width", type=int, default=128, help="Token width d.")
+    esn.add_argument("--layers", type=int, default=1, help="Causal transformer blocks L.")
+    esn.add_argument("--heads", type=int, default=4, help="Attention heads per block.")
+    esn.add_argument("--mlp-ratio", type=float, default=4.0, help="Feed-forward width / token width.")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=20)
+    training.add_argument("--lr", type=float, default=1e-3, help="Peak AdamW learning rate.")
+    training.add_argument("--weight-decay", type=float, default=0.05)
+    training.add_argument("-b", "--batch-size", type=int, default=256, help="Training batch size.")
+    training.add_argument("--feature-batch-size", type=int, default=256, help="Batch size of the frozen models.")
+    training.add_argument("--seed", type=int, default=0)
+
+    calibration = parser.add_argument_group("calibration and output")
+    calibration.add_argument(
+        "--max-drop", type=float, default=0.5, help="Allowed top-1 drop against the base, in percentage points."
+    )
+    calibration.add_argument("--budget-steps", type=int, default=10, help="Grid of the drop budget split over exits.")
+    calibration.add_argument("--out", default=None, help="Folder to save the calibrated model to.")
+    calibration.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the model there.")
+    calibration.add_argument("--results-file", default=None, help="Write the results as JSON to this file.")
+    calibration.add_argument("--quiet", action="store_true", help="No progress output.")
+    parser.set_defaults(func=run)
+
+
+def load_split(dataset: str, split: str):
+    """A dataset split from a local folder, a zoo name or the Hub (offline: the local cache)."""
+    import datasets
+
+    if os.path.isdir(dataset):
+        return datasets.load_dataset(dataset, split=split)
+    try:
+        from hf_tinysaver.zoo import ZOO_DATASETS, load_zoo_dataset
+    except ImportError:
+        ZOO_DATASETS = {}
+    if dataset in ZOO_DATASETS:
+        return load_zoo_dataset(dataset, split)
+    return datasets.load_dataset(dataset, split=split)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    exit_stages = [name.strip() for name in args.exit_stages.split(",")] if args.exit_stages else None
+    model = TinySaverESNForImageClassification.from_saver_and_base(
+        args.saver,
+        args.base,
+        esn_width=args.width,
+        esn_layers=args.layers,
+        esn_num_heads=args.heads,
+        esn_mlp_ratio=args.mlp_ratio,
+        exit_stages=exit_stages,
+        confidence=args.confidence,
+    )
+    say(f"exit stages {model.config.exit_stages}; relative MACs per answer point {model.config.relative_exit_macs}")
+
+    def features_of(split: str):
+        dataset = load_split(args.dataset, split)
+        say(f"features of {args.dataset} {split} ({len(dataset)} images)")
+        return cached_exit_features(
+            model,
+            dataset,
+            cache_dir=args.cache_dir,
+            batch_size=args.feature_batch_size,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            progress=not args.quiet,
+        )
+
+    train_features = features_of(args.train_split)
+    calib_features = features_of(args.calib_split)
+    eval_features = features_of(args.eval_split) if args.eval_split else None
+
+    losses = train_exit_sequence(
+        model,
+        train_features,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        on_epoch_end=lambda epoch, loss: say(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f}"),
+    )
+    results = calibrate_and_evaluate(model, calib_features, eval_features, args.max_drop, args.budget_steps)
+    results.update(
+        {
+            "saver": str(args.saver),
+            "base": str(args.base),
+            "dataset": str(args.dataset),
+            "splits": {"train": args.train_split, "calib": args.calib_split, "eval": args.eval_split or None},
+            "esn_shape": {
+                "width": args.width,
+                "layers": args.layers,
+                "heads": args.heads,
+                "mlp_ratio": args.mlp_ratio,
+            },
+            "training": {
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "weight_decay": args.weight_decay,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "final_loss": losses[-1] if losses else None,
+            },
+        }
+    )
+    model.config.calibration.update(
+        {"dataset": str(args.dataset), "split": args.calib_split, "saver": str(args.saver), "base": str(args.base)}
+    )
+    if args.out:
+        model.save_pretrained(args.out)
+        results["out"] = str(args.out)
+        say(f"saved to {args.out}")
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub)
+        results["pushed_to"] = args.push_to_hub
+    if args.results_file:
+        write_json_atomic(args.results_file, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def calibrate_and_evaluate(
+    model: TinySaverESNForImageClassification, calib_features, eval_features, max_drop: float, budget_steps: int = 10
+) -> dict[str, Any]:
+    """Sets the model's thresholds from the calibration features and measures ESN and plain TinySaver.
+
+    Args:
+        model: The trained ESN cascade; its `threshold`, `exit_thresholds` and `calibration` are set in place.
+        calib_features: Calibration-split features.
+        eval_features: Held-out features, or `None`.
+        max_drop: Allowed accuracy drop (percentage points).
+        budget_steps: Resolution of the drop budget split between exits.
+
+    Returns:
+        A dict with the thresholds and, for `esn` and the plain `tinysaver` cascade (same saver, same objective),
+        the calibration and held-out [`evaluate_exits`] results.
+    """
+    config = model.config
+    plain_macs = [config.saver_macs, config.saver_macs + config.base_macs]
+    calib_records = exit_records(model, calib_features)
+    esn_search = search_exit_thresholds(calib_records, config.exit_macs, config.base_macs, max_drop, budget_steps)
+    plain_search = search_exit_thresholds(calib_records.saver_only(), plain_macs, config.base_macs, max_drop)
+    config.threshold = esn_search.thresholds[0]
+    config.exit_thresholds = esn_search.thresholds[1:]
+    calibrated = esn_search.calibration
+    # The keys the plain cascade's calibration record uses (read by the model card), plus the ESN's own.
+    config.calibration = {
+        "objective": "max-drop",
+        "max_drop": max_drop,
+        "threshold": config.threshold,
+        "exit_rate": calibrated["exit_rates"][0],
+        "accuracy": calibrated["accuracy"],
+        "base_accuracy": calibrated["base_accuracy"],
+        "relative_macs": calibrated["relative_macs"],
+        "n": calibrated["num_images"],
+        "exit_thresholds": config.exit_thresholds,
+        "exit_rates": calibrated["exit_rates"],
+        "allowed_drops": esn_search.allowed_drops,
+        "search": "sequential (first exit first) per drop-budget split; fewest MACs",
+    }
+    results: dict[str, Any] = {
+        "max_drop": max_drop,
+        "relative_exit_macs": config.relative_exit_macs,
+        "esn": {
+            "thresholds": esn_search.thresholds,
+            "allowed_drops": esn_search.allowed_drops,
+            "calibration": esn_search.calibration,
+        },
+        "tinysaver": {"thresholds": plain_search.thresholds, "calibration": plain_search.calibration},
+    }
+    if eval_features is not None:
+        eval_records = exit_records(model, eval_features)
+        results["esn"]["eval"] = evaluate_exits(
+            eval_records, esn_search.thresholds, config.exit_macs, config.base_macs
+        )
+        results["tinysaver"]["eval"] = evaluate_exits(
+            eval_records.saver_only(), plain_search.thresholds, plain_macs, config.base_macs
+        )
+    return results
+
+
+__all__ = ["add_parser", "calibrate_and_evaluate", "load_split", "run"]
