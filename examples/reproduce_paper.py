@@ -54,7 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", "-d", default="ILSVRC/imagenet-1k", help="Hub id or local folder (labelled).")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--bases", nargs="+", default=PAPER_BASES)
-    parser.add_argument("--pool", nargs="+", default=PAPER_POOL, help="Candidate savers (Hub ids, folders, zoo names).")
+    parser.add_argument(
+        "--pool", nargs="+", default=PAPER_POOL, help="Candidate savers (Hub ids, folders, zoo names)."
+    )
     parser.add_argument("--batch-size", "-b", type=int, default=128)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--results-file", default="reproduce_paper.json")

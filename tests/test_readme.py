@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import REPO_ROOT, SHARED, requires_shared
 
 README = (REPO_ROOT / "README.md").read_text()
