@@ -297,6 +297,7 @@ def test_cli_search_writes_ranked_results_plot_and_the_winning_cascade(tiny_pool
     assert cli_main([*arguments, "--out", str(tmp_path / "winner")]) == 0
     printed = capsys.readouterr().out
     assert "rank" in printed and "Winner:" in printed and "Saved the winning cascade" in printed
+    assert "Every image exits" in printed  # random tiny savers within a 50-point allowance
 
     data_json = json.loads(results.read_text())
     assert data_json["max_drops"] == [0.0, 0.5, 1.0, 50.0] and data_json["primary_max_drop"] == 50.0
@@ -383,3 +384,13 @@ def test_real_cifar_search_cli(shared_dir, tmp_path, capsys):
     calibration = json.loads((tmp_path / "winner" / "calibration.json").read_text())
     assert calibration["saver"] == data["winner"]
     assert calibration["relative_macs"] == pytest.approx(ranked[data["winner"]]["relative_macs"]["0.5"])
+
+
+@pytest.mark.slow
+@requires_shared("datasets/cifar10-jpeg", "models/cifar10-resnet/resnet20-12fca82f.th")
+@pytest.mark.parametrize("function", ["search_savers", "save_winning_cascade"])
+def test_real_docstring_examples_run(function):
+    text = getattr(search_module, function).__doc__.replace("```python", "").replace("```", "")
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(doctest.DocTestParser().get_doctest(text, {}, function, None, 0))
+    assert runner.summarize(verbose=False).failed == 0
