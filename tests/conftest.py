@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -49,3 +50,36 @@ def images() -> list[Image.Image]:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 40-image labelled image dataset saved as a local Hub-style parquet folder."""
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    images = random_images(40, sizes=((36, 36), (48, 40)), seed=3)
+    labels = [i % 10 for i in range(40)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    dataset = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    (folder / "data").mkdir()
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade_dir(tmp_path_factory, tiny_dataset):
+    from hf_tinysaver import TinySaverForImageClassification
+    from tiny_models import timm_classifier
+
+    folder = tmp_path_factory.mktemp("tiny_cascade")
+    cascade = TinySaverForImageClassification.from_saver_and_base(
+        timm_classifier("test_efficientnet", seed=0),
+        timm_classifier("test_resnet", seed=1),
+        saver_preprocessing={"input_size": [3, 32, 32], "resize": "fixed"},
+        base_preprocessing={"input_size": [3, 48, 48], "resize": "shortest_edge", "mean": [0.5] * 3, "std": [0.5] * 3},
+    )
+    images = datasets.load_dataset(str(tiny_dataset), split="train")["image"]
+    with torch.no_grad():
+        confidence = cascade(**cascade.get_image_processor()(images=images), threshold=0.0).saver_confidence
+    cascade.config.threshold = float(confidence.median())  # about half of the images exit
+    cascade.save_pretrained(folder)
+    return folder

