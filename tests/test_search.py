@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,6 +297,7 @@ def test_cli_search_writes_ranked_results_plot_and_the_winning_cascade(tiny_pool
     assert cli_main([*arguments, "--out", str(tmp_path / "winner")]) == 0
     printed = capsys.readouterr().out
     assert "rank" in printed and "Winner:" in printed and "Saved the winning cascade" in printed
+    assert "Every image exits" in printed  # random tiny savers within a 50-point allowance
 
     data_json = json.loads(results.read_text())
     assert data_json["max_drops"] == [0.0, 0.5, 1.0, 50.0] and data_json["primary_max_drop"] == 50.0
@@ -324,6 +326,42 @@ def test_cli_search_writes_ranked_results_plot_and_the_winning_cascade(tiny_pool
     assert json.loads(results.read_text())["winner"] is None
 
 
+def _two_process_search(base: str, candidates: list[str], data: str, cache_dir: str, output_dir: str) -> None:
+    from accelerate import PartialState
+
+    from hf_tinysaver.records import distributed_state
+
+    PartialState._reset_state()  # forked from the test process, whose single-process state it inherited
+    state = distributed_state()
+    torch.set_num_threads(1)  # after the state, which sets its own: other counts round the logits differently
+    result = search_savers(base, candidates, data, "test", batch_size=4, cache_dir=cache_dir, progress=False)
+    scores = [c.to_dict() for c in result.candidates]
+    (Path(output_dir) / f"rank{state.process_index}.json").write_text(json.dumps([state.num_processes, scores]))
+
+
+def test_two_processes_search_like_one(tiny_pool, tmp_path):
+    from accelerate import debug_launcher
+
+    folders, data = tiny_pool
+    candidates = [folders["efficientnet"], folders["convnext"]]
+    single = search_savers(
+        folders["base"], candidates, data, "test", batch_size=4, cache_dir=tmp_path / "single", progress=False
+    )
+    arguments = (folders["base"], candidates, data, str(tmp_path / "cache"), str(tmp_path))
+    debug_launcher(_two_process_search, args=arguments, num_processes=2)
+    expected = json.loads(json.dumps([c.to_dict() for c in single.candidates]))
+    for rank in (0, 1):
+        world, scores = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert world == 2
+        for score, single_score in zip(scores, expected, strict=True):
+            # Same decisions everywhere; thresholds sit between confidences, which move by float noise when the
+            # logits are computed under another process layout.
+            thresholds = score.pop("threshold"), single_score["threshold"]
+            assert score == {k: v for k, v in single_score.items() if k != "threshold"}
+            for key, value in thresholds[0].items():
+                assert value == pytest.approx(thresholds[1][key], rel=1e-5)
+
+
 @pytest.mark.slow
 @requires_shared("datasets/cifar10-jpeg", "models/cifar10-resnet/resnet20-12fca82f.th")
 def test_real_cifar_search_cli(shared_dir, tmp_path, capsys):
@@ -346,3 +384,13 @@ def test_real_cifar_search_cli(shared_dir, tmp_path, capsys):
     calibration = json.loads((tmp_path / "winner" / "calibration.json").read_text())
     assert calibration["saver"] == data["winner"]
     assert calibration["relative_macs"] == pytest.approx(ranked[data["winner"]]["relative_macs"]["0.5"])
+
+
+@pytest.mark.slow
+@requires_shared("datasets/cifar10-jpeg", "models/cifar10-resnet/resnet20-12fca82f.th")
+@pytest.mark.parametrize("function", ["search_savers", "save_winning_cascade"])
+def test_real_docstring_examples_run(function):
+    text = getattr(search_module, function).__doc__.replace("```python", "").replace("```", "")
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(doctest.DocTestParser().get_doctest(text, {}, function, None, 0))
+    assert runner.summarize(verbose=False).failed == 0

@@ -430,8 +430,7 @@ class SearchResult:
             base_name=self.base,
             operating_points=points,
             show_frontier=True,
-            title=title
-            or f"Savers for {self.base} on {self.dataset} {self.split} (point: winner at a {self.primary_max_drop}-point drop)",
+            title=title or f"Savers for {self.base} on {self.dataset} {self.split}",
         )
 
     def table(self) -> str:
@@ -469,13 +468,21 @@ class SearchResult:
             if c.status != "ranked":
                 text.append(f"{c.status}: {c.name}: {c.reason}")
         winner = self.winner
+        if winner is None:
+            text.append(
+                f"No candidate makes the cascade cheaper than {self.base} alone at a {self.primary_max_drop}-point "
+                "drop."
+            )
+            return "\n".join(text)
         text.append(
             f"Winner: {winner.name} (relative MACs {winner.relative_macs[primary_key]:.4f} at a "
             f"{self.primary_max_drop}-point drop)."
-            if winner
-            else f"No candidate makes the cascade cheaper than {self.base} alone at a {self.primary_max_drop}-point "
-            "drop."
         )
+        if winner.exit_rate[primary_key] == 1.0:
+            text.append(
+                f"Every image exits at {winner.name}: on this split it alone meets the allowed drop, so the cascade "
+                "never runs the base."
+            )
         return "\n".join(text)
 
 
@@ -853,6 +860,18 @@ def save_winning_cascade(
 
     Raises:
         ValueError: When no candidate makes a cheaper cascade than the base alone.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from hf_tinysaver.search import save_winning_cascade, search_savers
+
+    >>> result = search_savers("cifar10-resnet56", ["cifar10-resnet20"], "cifar10", "test[:5%]", progress=False)
+    >>> cascade, calibration = save_winning_cascade(result, tempfile.mkdtemp(), progress=False)
+    >>> cascade.config.calibration["saver"], calibration.relative_macs == result.winner.relative_macs["0.5"]
+    ('cifar10-resnet20', True)
+    ```
     """
     from .records import distributed_state
     from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade

@@ -43,7 +43,9 @@ def add_parser(subparsers) -> None:
         default=None,
         help="Score with max-drop's guarantee mode at this level (Clopper-Pearson bounds).",
     )
-    parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    parser.add_argument(
+        "--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"], help="Saver confidence metric."
+    )
     parser.add_argument(
         "--prescreen",
         action="store_true",
