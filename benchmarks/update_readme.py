@@ -42,7 +42,7 @@ def section_zoo() -> str | None:
     rows = []
     for row in data["results"]:
         interpreter = row.get("int8_top1")
-        agreement = row.get("agreement_with_int8")
+        agreement = row.get("int8_agreement")
         rows.append(
             [
                 f"`{row['model']}`",
@@ -163,6 +163,49 @@ def section_search() -> str | None:
     )
 
 
+def section_tradeoff() -> str | None:
+    rows = []
+    command = None
+    for task in ("cifar10", "imagenet"):
+        data = load(f"tradeoff_{task}.json")
+        if data is None:
+            continue
+        command = data["command"].replace(f"--task {task}", "--task {cifar10,imagenet}")
+        for point in data["operating_points"]:
+            simulated, forward = point["held_out_simulated"], point.get("held_out_forward")
+            static = point["static_alternative"]
+            static_text = (
+                "none smaller"
+                if static["name"] == "none"
+                else (f"`{static['name']}` ({static['relative_macs']:.3f}, {pct(static['accuracy'])} %)")
+            )
+            rows.append(
+                [
+                    f"{data['saver']} → {data['base']}",
+                    point["max_drop"],
+                    f"{point['calibration']['relative_macs']:.3f}",
+                    f"{pct(simulated['exit_rate'], 1)}",
+                    f"{pct(simulated['accuracy'])} vs {pct(simulated['base_accuracy'])}",
+                    f"{simulated['accuracy_drop_points']:+.2f}",
+                    f"{simulated['relative_macs']:.3f}",
+                    "—" if forward is None else ("yes" if forward["simulation_matches_forward"] else "NO"),
+                    f"{point['oracle_relative_macs_at_drop']:.3f}",
+                    static_text,
+                ]
+            )
+    if not rows:
+        return None
+    header = ["cascade", "max drop", "calib. rel. MACs", "held-out exit %", "held-out acc. % vs base",
+              "held-out drop", "held-out rel. MACs", "real forward = simulation", "oracle rel. MACs",
+              "static alternative (rel. MACs, acc.)"]  # fmt: skip
+    return (
+        "### Trade-off at allowed drops of 0 / 0.5 / 1.0 points (calibrated on one half, measured on the other)\n\n"
+        f"`{command}`. Oracle: the base runs only where the saver is wrong and the base right, at the same drop. "
+        "Static alternative: the cheapest single zoo model at least as accurate as the cascade on the held-out half."
+        "\n\n" + table(header, rows)
+    )
+
+
 def section_esn() -> str | None:
     data = load("esn_cifar10.json")
     if data is None:
@@ -245,6 +288,7 @@ SECTIONS: list[Callable[[], str | None]] = [
     section_zoo,
     section_calibrate_evaluate,
     section_search,
+    section_tradeoff,
     section_esn,
     section_throughput,
 ]
