@@ -48,3 +48,13 @@ def test_python_quickstart_runs_as_written(tmp_path):
     assert len(exited) == len(predictions) == 4
     assert (tmp_path / "cifar10-resnet20-to-56" / "model.safetensors").exists()
     assert "'label':" in lines[-1]
+
+
+def test_results_section_is_generated_from_the_results_files():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import update_readme
+    finally:
+        sys.path.pop(0)
+    assert update_readme.main(["--check"]) == 0, "run: python benchmarks/update_readme.py"
+    assert "Zoo models" in update_readme.render() and "<!-- results:start -->" in README
