@@ -20,6 +20,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYSAVER_ASSETS", REPO_ROOT.parent / "shared"))
 
 
+# Prepended to scripts run in a fresh process: makes `import hf_tinysaver` fail there, as on a machine where only
+# transformers is installed, so loading must go through the saved remote code.
+BLOCK_HF_TINYSAVER = """import importlib.abc
+import sys
+
+
+class BlockHfTinySaver(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_tinysaver" or name.startswith("hf_tinysaver."):
+            raise ImportError("hf_tinysaver is blocked in this process")
+
+
+sys.meta_path.insert(0, BlockHfTinySaver())
+"""
+
+
 def requires_shared(*relative_paths: str):
     """Skips a test (with the reason) when the real assets in ../shared are absent."""
     missing = [p for p in relative_paths if not (SHARED / p).exists()]

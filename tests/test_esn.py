@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import random_images
+from conftest import BLOCK_HF_TINYSAVER, random_images
 from hf_tinysaver import (
     CIFAR10_LABELS,
     CifarResNetConfig,
@@ -499,16 +499,8 @@ def test_config_validates_thresholds_and_always_writes_the_esn_keys():
 # --- save / load ------------------------------------------------------------------------------------------------
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class BlockHfTinySaver(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_tinysaver" or name.startswith("hf_tinysaver."):
-                raise ImportError("hf_tinysaver is blocked in this process")
-
-    sys.meta_path.insert(0, BlockHfTinySaver())
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline

@@ -24,6 +24,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
+from conftest import BLOCK_HF_TINYSAVER
 from hf_tinysaver import TinySaverForImageClassification
 from hf_tinysaver.hub import HubPushError, push_cascade
 from hf_tinysaver.hub_cli import add_parser
@@ -167,16 +168,9 @@ def test_pipeline_by_repo_id(hub_env, pushed, images):
     assert [p[0]["label"] for p in predictions] == [cascade.config.id2label[int(i)] for i in expected]
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
     """
-    import importlib.abc, re, sys
-
-    class BlockHfTinySaver(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_tinysaver" or name.startswith("hf_tinysaver."):
-                raise ImportError("hf_tinysaver is blocked in this process")
-
-    sys.meta_path.insert(0, BlockHfTinySaver())
+    import re
     import torch
     from huggingface_hub import hf_hub_download
     from PIL import Image

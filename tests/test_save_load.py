@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import random_images
+from conftest import BLOCK_HF_TINYSAVER, random_images
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverForImageClassification
 from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing
 
@@ -89,16 +89,9 @@ def test_reload_with_library_imported_gives_identical_logits(saved_cascade, imag
     assert torch.equal(actual.logits, expected.logits) and torch.equal(actual.exited, expected.exited)
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockHfTinySaver(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_tinysaver" or name.startswith("hf_tinysaver."):
-                raise ImportError("hf_tinysaver is blocked in this process")
-
-    sys.meta_path.insert(0, BlockHfTinySaver())
+    import json
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_tinysaver
-from conftest import SHARED, requires_shared
+from conftest import BLOCK_HF_TINYSAVER, SHARED, requires_shared
 from hf_tinysaver.cli import main as cli_main
 from hf_tinysaver.image_processing_tinysaver import TinySaverImageProcessor
 from hf_tinysaver.zoo import (
@@ -361,17 +361,8 @@ def test_mobilenet_subset_agrees_with_int8_interpreter(name, images, imagenet):
     assert 100 * (float_predictions == labels).mean() == pytest.approx(MOBILENET_INT8_TOP1[name], abs=14)
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-    class BlockHfTinySaver(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_tinysaver" or name.startswith("hf_tinysaver."):
-                raise ImportError("hf_tinysaver is blocked in this process")
-
-    sys.meta_path.insert(0, BlockHfTinySaver())
     import torch
     from PIL import Image
     from transformers import pipeline
