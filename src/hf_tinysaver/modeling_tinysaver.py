@@ -219,10 +219,9 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         Returns:
             [`TinySaverForImageClassification`]: The cascade, in eval mode when both sub-models were.
         """
-        saver_model = load_classifier(saver)
-        base_model = load_classifier(base)
-        saver_preprocessing = saver_preprocessing or find_preprocessing(saver_model, saver, role="saver")
-        base_preprocessing = base_preprocessing or find_preprocessing(base_model, base, role="base")
+        saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
+            saver, base, saver_preprocessing, base_preprocessing
+        )
         if saver_macs is None:
             saver_macs = find_macs(saver_model, saver_preprocessing)
         if base_macs is None:
@@ -386,6 +385,17 @@ def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> P
         if name in ZOO:
             return load_zoo_model(name)
     return AutoModelForImageClassification.from_pretrained(name)
+
+
+def load_sub_models(
+    saver: Any, base: Any, saver_preprocessing: dict | None = None, base_preprocessing: dict | None = None
+) -> tuple[PreTrainedModel, PreTrainedModel, dict[str, Any], dict[str, Any]]:
+    """Loads saver and base (instances, folders, Hub ids or zoo names) and finds each one's preprocessing."""
+    saver_model = load_classifier(saver)
+    base_model = load_classifier(base)
+    saver_preprocessing = saver_preprocessing or find_preprocessing(saver_model, saver, role="saver")
+    base_preprocessing = base_preprocessing or find_preprocessing(base_model, base, role="base")
+    return saver_model, base_model, saver_preprocessing, base_preprocessing
 
 
 def wrap_timm_model(model: nn.Module) -> PreTrainedModel:

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
 from .configuration_tinysaver_esn import TinySaverESNConfig
-from .modeling_tinysaver import TinySaverForImageClassification, find_macs, find_preprocessing, load_classifier
+from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models
 
 SUPPORTED_BASES = (
     "hf_tinysaver's CIFAR ResNets (any model exposing `forward_stem`, `stages` and `forward_head`)",
@@ -573,10 +573,9 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         Returns:
             [`TinySaverESNForImageClassification`]: The model, in eval mode.
         """
-        saver_model = load_classifier(saver)
-        base_model = load_classifier(base)
-        saver_preprocessing = saver_preprocessing or find_preprocessing(saver_model, saver, role="saver")
-        base_preprocessing = base_preprocessing or find_preprocessing(base_model, base, role="base")
+        saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
+            saver, base, saver_preprocessing, base_preprocessing
+        )
         was_training = (saver_model.training, base_model.training)
         saver_model.eval()
         base_model.eval()
