@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
+from hf_tinysaver.demo import DEMO_TASKS
 from hf_tinysaver.zoo import ZOO_MODELS
 
-MOBILENETS = ["mobilenet-v1-0.25-128", "mobilenet-v1-0.5-160", "mobilenet-v1-0.75-192", "mobilenet-v2-1.0-224"]
+MOBILENETS = [name for name in DEMO_TASKS["imagenet"]["candidates"] if name.startswith("mobilenet-")]
+
+
+def _benchmark_task(name: str, saver: str | None, saver_pool: list[str] | None, batch_size: int) -> dict:
+    # Models, data and halves are the demo's (one definition); the benchmarks add the trade-off pair and batch size.
+    demo = DEMO_TASKS[name]
+    return {
+        "dataset": demo["dataset"],
+        "base": demo["base"],
+        "candidates": list(demo["candidates"]),
+        # The trade-off pair; None means: the best of `saver_pool` by the search's ranking on the calibration half.
+        "saver": saver,
+        "saver_pool": saver_pool,
+        "calibration_split": demo["calibration_split"],
+        "held_out_split": demo["evaluation_split"],
+        "batch_size": batch_size,
+    }
+
 
 TASKS = {
-    "cifar10": {
-        "dataset": "cifar10",
-        "base": "cifar10-resnet56",
-        "candidates": ["cifar10-resnet20", "cifar10-resnet32", "cifar10-resnet44"],
-        # The trade-off pair; None means: the best of `saver_pool` by the search's ranking on the calibration half.
-        "saver": "cifar10-resnet20",
-        "saver_pool": None,
-        "calibration_split": "test[:50%]",
-        "held_out_split": "test[50%:]",
-        "batch_size": 250,
-    },
-    "imagenet": {
-        "dataset": "imagenet-val-1300",
-        "base": "efficientnet-lite2",
-        "candidates": [*MOBILENETS, "efficientnet-lite0", "efficientnet-lite1"],
-        "saver": None,
-        "saver_pool": MOBILENETS,
-        "calibration_split": "validation[:50%]",
-        "held_out_split": "validation[50%:]",
-        "batch_size": 50,
-    },
+    "cifar10": _benchmark_task("cifar10", saver="cifar10-resnet20", saver_pool=None, batch_size=250),
+    "imagenet": _benchmark_task("imagenet", saver=None, saver_pool=MOBILENETS, batch_size=50),
 }
 
 
