@@ -153,7 +153,9 @@ def main(argv=None) -> dict | None:
             f"{row['cascade_images_per_second']:8.1f} img/s, speedup {row['realised_speedup']:.2f}x "
             f"(MACs predict {row['mac_predicted_speedup']:.2f}x, ratio {row['realised_over_predicted']:.2f}; "
             f"composition bound {row['composition_bound_speedup']:.2f}x), overhead "
-            f"{100 * row['overhead_vs_saver_then_base']:+.1f} %",
+            f"{100 * row['overhead_vs_saver_then_base']:+.1f} %; streamed {row['streamed_images_per_second']:8.1f} "
+            f"img/s, speedup {row['streamed_speedup']:.2f}x (ratio {row['streamed_over_predicted']:.2f}; bound "
+            f"{row['streamed_composition_bound_speedup']:.2f}x)",
             flush=True,
         )
     results = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import timm.data
 import torch
@@ -308,16 +311,20 @@ def test_processor_handles_grayscale_rgba_and_arrays():
 def test_optimize_for_inference_keeps_outputs_and_saves_plain_weights(mixed_pair, images, tmp_path):
     from transformers import AutoModelForImageClassification
 
-    cascade = build(*mixed_pair)
+    cascade = build(*copy.deepcopy(mixed_pair))
     inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
     with torch.no_grad():
         expected = cascade(**inputs, threshold=0.5)
+    state_dict_keys = set(cascade.state_dict())
     cascade.train().optimize_for_inference()
     assert not cascade.training
     conv_weight = next(
         m.weight for m in cascade.saver.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1
     )
     assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    folded = [m for m in cascade.saver.modules() if type(m).__name__ == "BatchNormFoldedConv2d"]
+    assert len(folded) > 0  # timm's BatchNormAct2d layers, their activation kept
+    assert set(cascade.state_dict()) == state_dict_keys
     with torch.no_grad():
         actual = cascade(**inputs, threshold=0.5)
     assert torch.equal(actual.exited, expected.exited)
@@ -326,6 +333,178 @@ def test_optimize_for_inference_keeps_outputs_and_saves_plain_weights(mixed_pair
     with torch.no_grad():
         reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)(**inputs, threshold=0.5)
     torch.testing.assert_close(reloaded.logits, expected.logits, atol=1e-4, rtol=0)
-    # Restore the shared fixture's layout for the other tests.
-    for sub_model in (cascade.saver, cascade.base):
-        sub_model.to(memory_format=torch.contiguous_format)
+
+
+def batch_norm_count(model, kind):
+    return sum(type(module).__name__ == kind for module in model.modules())
+
+
+@pytest.mark.parametrize("architecture", ["test_resnet", "test_efficientnet"])
+def test_folded_batch_norms_follow_training_and_loaded_weights(architecture):
+    model = timm_classifier(architecture, seed=2)
+    cascade = TinySaverForImageClassification.from_saver_and_base(model, copy.deepcopy(model))
+    plain = copy.deepcopy(cascade.base)
+    cascade.optimize_for_inference(channels_last=False)
+    base = cascade.base
+    assert batch_norm_count(base, "BatchNormFoldedConv2d") > 0
+    pixel_values = torch.randn(4, 3, 32, 32)
+
+    # A training step (batch-norm statistics and weights change in place), then eval again: still the plain model.
+    for model_ in (base, plain):
+        model_.train()
+        optimizer = torch.optim.SGD(model_.parameters(), lr=0.1)
+        torch.manual_seed(5)
+        model_(pixel_values=pixel_values, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        optimizer.step()
+        model_.eval()
+    with torch.no_grad():
+        actual, expected = base(pixel_values=pixel_values).logits, plain(pixel_values=pixel_values).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
+
+    # Loading other weights refolds too.
+    other = timm_classifier(architecture, seed=7)
+    base.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            base(pixel_values=pixel_values).logits, other(pixel_values=pixel_values).logits, atol=1e-4, rtol=1e-5
+        )
+        base.double()
+        torch.testing.assert_close(
+            base(pixel_values=pixel_values.double()).logits,
+            other.double()(pixel_values=pixel_values.double()).logits,
+            atol=1e-9,
+            rtol=0,
+        )
+
+
+class ConvOutputUsedTwice(torch.nn.Module):
+    """A classifier whose first convolution's output feeds its batch norm and, unnormalised, a skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, pixel_values):
+        hidden = self.conv(pixel_values)
+        hidden = self.norm(hidden) + hidden
+        return SimpleNamespace(logits=self.head(hidden.mean(dim=(2, 3))))
+
+
+def test_batch_norm_folding_is_undone_when_it_changes_the_outputs():
+    from hf_tinysaver.modeling_tinysaver import fold_batch_norms
+
+    model = ConvOutputUsedTwice().eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+        assert fold_batch_norms(model, pixel_values) == 0
+        assert type(model.conv) is torch.nn.Conv2d and type(model.norm) is torch.nn.BatchNorm2d
+        torch.testing.assert_close(model(pixel_values).logits, expected, atol=0, rtol=0)
+
+
+def split_inputs(inputs, sizes):
+    """Splits a processor output into consecutive batches of the given sizes."""
+    batches, start = [], 0
+    for size in sizes:
+        batches.append({key: value[start : start + size] for key, value in inputs.items()})
+        start += size
+    return batches
+
+
+@pytest.mark.parametrize("base_batch_size", [None, 1, 3, 100])
+def test_forward_stream_matches_forward_and_runs_base_on_full_batches(mixed_pair, base_batch_size):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=random_images(24, seed=3), return_tensors="pt")
+    with torch.no_grad():
+        threshold = float(cascade(**inputs, threshold=0.0).saver_confidence.median())
+    sizes = [5, 8, 1, 7, 3]
+    batches = split_inputs(inputs, sizes)
+    recorder = CallRecorder(cascade.base)
+    try:
+        streamed = list(cascade.forward_stream(batches, base_batch_size=base_batch_size, threshold=threshold))
+    finally:
+        recorder.remove()
+
+    assert len(streamed) == len(batches)
+    remaining = 0
+    for batch, output in zip(batches, streamed, strict=True):
+        with torch.no_grad():
+            expected = cascade(**batch, threshold=threshold)
+        assert torch.equal(output.exited, expected.exited)
+        torch.testing.assert_close(output.saver_confidence, expected.saver_confidence, atol=0, rtol=0)
+        torch.testing.assert_close(output.saver_logits, expected.saver_logits, atol=0, rtol=0)
+        torch.testing.assert_close(output.logits, expected.logits, atol=1e-5, rtol=0)
+        assert output.loss is None
+        remaining += int((~expected.exited).sum())
+    assert 0 < remaining < 24
+    size = base_batch_size or sizes[0]
+    full, rest = divmod(remaining, size)
+    assert recorder.batch_sizes == [size] * full + ([rest] if rest else [])
+
+
+def test_forward_stream_yields_each_batch_as_soon_as_it_is_complete(mixed_pair):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=random_images(12, seed=4), return_tensors="pt")
+    batches = split_inputs(inputs, [4, 4, 4])
+    consumed = []
+
+    def tracked():
+        for index, batch in enumerate(batches):
+            consumed.append(index)
+            yield batch
+
+    # Nothing exits and the base takes 4 images at a time: each batch is answered before the next is read.
+    stream = cascade.forward_stream(tracked(), threshold=1.0)
+    for index in range(3):
+        output = next(stream)
+        assert consumed == list(range(index + 1))
+        assert not output.exited.any()
+    # Everything exits: batches are answered by the saver alone, the base never runs.
+    recorder = CallRecorder(cascade.base)
+    try:
+        outputs = list(cascade.forward_stream(batches, threshold=0.0))
+    finally:
+        recorder.remove()
+    assert all(output.exited.all() for output in outputs) and recorder.batch_sizes == []
+
+
+def test_forward_stream_accepts_tensors_for_shared_preprocessing_and_rejects_bad_input(mixed_pair, timm_pair):
+    cascade = build(*timm_pair)
+    pixel_values = torch.randn(6, 3, 32, 32)
+    cascade.config.saver_preprocessing = cascade.config.base_preprocessing  # one tensor feeds both
+    outputs = list(cascade.forward_stream([pixel_values[:4], pixel_values[4:]], base_batch_size=2, threshold=0.5))
+    with torch.no_grad():
+        expected = cascade(pixel_values=pixel_values, threshold=0.5)
+    torch.testing.assert_close(torch.cat([o.logits for o in outputs]), expected.logits, atol=1e-5, rtol=0)
+
+    mixed = build(*mixed_pair)
+    inputs = mixed.get_image_processor()(images=random_images(2), return_tensors="pt")
+    with pytest.raises(ValueError, match="base_pixel_values"):
+        list(mixed.forward_stream([inputs["pixel_values"]]))
+    with pytest.raises(TypeError, match="mapping with 'pixel_values'"):
+        list(mixed.forward_stream([{"images": inputs["pixel_values"]}]))
+    with pytest.raises(ValueError, match="base_batch_size"):
+        list(mixed.forward_stream([inputs], base_batch_size=0))
+
+
+def test_public_docstring_examples_run():
+    import doctest
+
+    from hf_tinysaver import CifarResNetForImageClassification
+
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for name, obj in {
+        "TinySaverForImageClassification": TinySaverForImageClassification,
+        "forward_stream": TinySaverForImageClassification.forward_stream,
+        "optimize_for_inference": TinySaverForImageClassification.optimize_for_inference,
+        "CifarResNetForImageClassification": CifarResNetForImageClassification,
+    }.items():
+        text = obj.__doc__.replace("```python", "").replace("```", "")
+        runner.run(parser.get_doctest(text, {}, name, None, 0))
+    assert runner.summarize(verbose=False).failed == 0

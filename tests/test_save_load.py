@@ -109,10 +109,15 @@ FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
     inputs = processor(images=[Image.fromarray(a.numpy()) for a in images], return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs)
+        model.optimize_for_inference()
+        folded = sum(type(module).__name__ == "BatchNormFoldedConv2d" for module in model.modules())
+        half = len(images) // 2
+        batches = [{key: value[:half] for key, value in inputs.items()}, {key: value[half:] for key, value in inputs.items()}]
+        streamed = torch.cat([output.logits for output in model.forward_stream(batches, base_batch_size=2)])
     classifier = pipeline("image-classification", model=directory, trust_remote_code=True)
     predictions = classifier(Image.fromarray(images[0].numpy()), top_k=3)
     torch.save({"logits": outputs.logits, "exited": outputs.exited, "class": type(model).__module__,
-                "predictions": predictions}, out_path)
+                "predictions": predictions, "folded": folded, "optimized_streamed_logits": streamed}, out_path)
     """
 )
 
@@ -147,6 +152,8 @@ def test_fresh_process_without_hf_tinysaver_loads_with_remote_code(saved_cascade
         expected = cascade(**inputs)
     assert torch.equal(out["logits"], expected.logits)
     assert torch.equal(out["exited"], expected.exited)
+    assert out["folded"] > 0
+    torch.testing.assert_close(out["optimized_streamed_logits"], expected.logits, atol=1e-4, rtol=1e-5)
     labels = set(cascade.config.id2label.values())
     assert len(out["predictions"]) == 3 and all(p["label"] in labels for p in out["predictions"])
 

@@ -19,11 +19,12 @@ def time_cascade(
 ) -> dict:
     """Times the cascade and its parts on the same preprocessed images, interleaved over `repeats` rounds.
 
-    Variants timed each round, in turn: the base alone, the cascade, the saver alone, the base on exactly the
-    sub-batches the cascade sends it, the cascade with nothing exiting, and the saver followed by the base called
-    directly. Medians give the realised speedup, the speedup MACs predict (`1 / relative_macs` at the exit rate
-    measured on these images), the composition bound (saver + base on the sub-batches: a cascade with zero
-    bookkeeping) and the cascade's own overhead.
+    Variants timed each round, in turn: the base alone, the cascade (`forward` per batch), the saver alone, the base
+    on exactly the sub-batches the cascade sends it, the cascade with nothing exiting, the saver followed by the base
+    called directly, the streamed cascade (`forward_stream`: the base runs on full batches of the images that did
+    not exit) and the base on those full batches. Medians give the realised speedups, the speedup MACs predict
+    (`1 / relative_macs` at the exit rate measured on these images), the composition bounds (saver + base on the
+    batches the cascade sends it: a cascade with zero bookkeeping) and the cascade's own overhead.
 
     Args:
         cascade: A `TinySaverForImageClassification` in eval mode, with MACs in its config.
@@ -45,6 +46,7 @@ def time_cascade(
     remaining_batches = [
         b[~e] for (_, b), e in zip(batches, exited.split(batch_size), strict=True) if int((~e).sum()) > 0
     ]
+    remaining_full_batches = list(torch.cat(remaining_batches).split(batch_size)) if remaining_batches else []
 
     def run_base():
         for _, base_batch in batches:
@@ -71,6 +73,15 @@ def time_cascade(
             saver(pixel_values=saver_batch)
             base(pixel_values=base_batch)
 
+    def run_cascade_streamed():
+        stream_inputs = ({"pixel_values": s, "base_pixel_values": b} for s, b in batches)
+        for _ in cascade.forward_stream(stream_inputs, base_batch_size=batch_size):
+            pass
+
+    def run_base_on_remaining_full_batches():
+        for base_batch in remaining_full_batches:
+            base(pixel_values=base_batch)
+
     variants = {
         "base": run_base,
         "cascade": run_cascade,
@@ -78,6 +89,8 @@ def time_cascade(
         "base_on_remaining": run_base_on_remaining,
         "cascade_nothing_exits": run_cascade_nothing_exits,
         "saver_then_base": run_saver_then_base,
+        "cascade_streamed": run_cascade_streamed,
+        "base_on_remaining_full_batches": run_base_on_remaining_full_batches,
     }
     times = {name: [] for name in variants}
     with torch.inference_mode():
@@ -93,6 +106,7 @@ def time_cascade(
     realised = median["base"] / median["cascade"]
     predicted = 1 / relative_macs
     composition = median["saver"] + median["base_on_remaining"]
+    streamed_composition = median["saver"] + median["base_on_remaining_full_batches"]
     return {
         "batch_size": batch_size,
         "n": n,
@@ -106,6 +120,10 @@ def time_cascade(
         "composition_bound_speedup": median["base"] / composition,
         "realised_over_composition_bound": composition / median["cascade"],
         "overhead_vs_saver_then_base": median["cascade_nothing_exits"] / median["saver_then_base"] - 1,
+        "streamed_images_per_second": n / median["cascade_streamed"],
+        "streamed_speedup": median["base"] / median["cascade_streamed"],
+        "streamed_over_predicted": median["base"] / median["cascade_streamed"] / predicted,
+        "streamed_composition_bound_speedup": median["base"] / streamed_composition,
         "median_seconds": median,
         "repeats": repeats,
     }
