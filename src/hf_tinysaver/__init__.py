@@ -23,7 +23,11 @@ from .image_processing_tinysaver import (
     preprocessing_from_timm,
 )
 from .modeling_cifar_resnet import CifarResNetForImageClassification
-from .modeling_tinysaver import TinySaverForImageClassification, TinySaverImageClassifierOutput
+from .modeling_tinysaver import (
+    TinySaverForImageClassification,
+    TinySaverImageClassifierOutput,
+    retain_freed_memory,
+)
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification, TinySaverESNImageClassifierOutput
 from .records import Records, pair_from_records, record
 
@@ -72,5 +76,6 @@ __all__ = [
     "preprocessing_from_image_processor",
     "preprocessing_from_timm",
     "record",
+    "retain_freed_memory",
     "__version__",
 ]
