@@ -4,10 +4,14 @@ Cascade and base run interleaved in one process (several repeats, medians), on t
 machine noise hits both alike. Reported per batch size:
 
 - images/s of the cascade and of the base alone, the realised speedup, the speedup predicted from MACs
-  (`1 / relative_macs` at the exit rate measured on these images) and their ratio;
-- the composition bound: the measured saver time at the full batch plus the measured base time on exactly the
-  sub-batches the cascade sends it, i.e. what a cascade with zero bookkeeping would take;
+  (`1 / relative_macs` at the exit rate measured on these images) and their ratio, for the cascade called once per
+  batch (`forward`: the base runs on each batch's few remaining images) and streamed (`forward_stream`: the base
+  runs on full batches of remaining images collected across input batches);
+- the composition bounds: the measured saver time at the full batch plus the measured base time on exactly the
+  batches each mode sends it, i.e. what a cascade with zero bookkeeping would take;
 - overhead: the cascade with a threshold that exits nothing vs. the saver followed by the base called directly.
+
+Cascade and base alone both run as prepared by `optimize_for_inference()` (flags below switch each part off).
 
 Peak resident memory at batch 64 is measured in fresh processes (one per variant).
 
@@ -46,8 +50,19 @@ def parse_args(argv=None):
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Call `optimize_for_inference()` (channels-last conv weights) on the cascade; the base alone is the "
-        "same module, so both run in the same layout.",
+        help="optimize_for_inference(channels_last=...): channels-last conv weights.",
+    )
+    parser.add_argument(
+        "--fold-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="optimize_for_inference(fold_batch_norm=...): batch norms folded into convolutions.",
+    )
+    parser.add_argument(
+        "--retain-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="optimize_for_inference(retain_memory=...): glibc keeps freed memory for reuse (process-wide).",
     )
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="Measure peak RSS.")
     parser.add_argument("--results-file", default=None, help="Write the results as JSON here.")
@@ -56,15 +71,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_cascade(model_dir: str, channels_last: bool):
+def load_cascade(args):
+    """Loads the cascade and prepares it with `optimize_for_inference`; the base alone is timed as the cascade's own
+    `cascade.base`, so both always run with the same optimisations."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     import hf_tinysaver  # noqa: F401  (registers the Auto classes)
 
-    cascade = AutoModelForImageClassification.from_pretrained(model_dir).eval()
-    if channels_last:
-        cascade.optimize_for_inference()
-    return cascade, AutoImageProcessor.from_pretrained(model_dir)
+    cascade = AutoModelForImageClassification.from_pretrained(args.model)
+    cascade.optimize_for_inference(
+        channels_last=args.channels_last, fold_batch_norm=args.fold_batch_norm, retain_memory=args.retain_memory
+    )
+    return cascade, AutoImageProcessor.from_pretrained(args.model)
 
 
 def preprocessed_inputs(processor, dataset, split, num_images, assets):
@@ -86,7 +104,7 @@ def memory_probe(args) -> None:
 
     import psutil
 
-    cascade, processor = load_cascade(args.model, args.channels_last)
+    cascade, processor = load_cascade(args)
     saver_inputs, base_inputs = preprocessed_inputs(processor, args.dataset, args.split, 64, args.assets)
     gc.collect()
     process = psutil.Process()
@@ -123,7 +141,8 @@ def measure_memory(args) -> dict:
     for variant in ("base", "cascade"):
         command = [sys.executable, __file__, "--model", args.model, "--dataset", args.dataset, "--split", args.split]
         command += ["--threads", str(args.threads), "--_memory-probe", variant]
-        command += ["--channels-last" if args.channels_last else "--no-channels-last"]
+        for flag in ("channels_last", "fold_batch_norm", "retain_memory"):
+            command += [("--" if getattr(args, flag) else "--no-") + flag.replace("_", "-")]
         if args.assets:
             command += ["--assets", args.assets]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -142,7 +161,7 @@ def main(argv=None) -> dict | None:
     if args.memory_probe:
         memory_probe(args)
         return None
-    cascade, processor = load_cascade(args.model, args.channels_last)
+    cascade, processor = load_cascade(args)
     saver_inputs, base_inputs = preprocessed_inputs(processor, args.dataset, args.split, args.num_images, args.assets)
     rows = []
     for batch_size in args.batch_sizes:
@@ -167,6 +186,8 @@ def main(argv=None) -> dict | None:
         "saver_macs": cascade.config.saver_macs,
         "base_macs": cascade.config.base_macs,
         "channels_last": args.channels_last,
+        "fold_batch_norm": args.fold_batch_norm,
+        "retain_memory": args.retain_memory,
         "threads": args.threads,
         "machine": {
             "processor": platform.processor() or platform.machine(),

@@ -246,17 +246,21 @@ def section_throughput() -> str | None:
             [
                 row["batch_size"],
                 f"{row['base_images_per_second']:.0f}",
+                f"{row['mac_predicted_speedup']:.2f}x",
                 f"{row['cascade_images_per_second']:.0f}",
                 f"{row['realised_speedup']:.2f}x",
-                f"{row['mac_predicted_speedup']:.2f}x",
-                f"{row['realised_over_predicted']:.2f}",
+                f"**{row['realised_over_predicted']:.2f}**",
                 f"{row['composition_bound_speedup']:.2f}x",
+                f"{row['streamed_images_per_second']:.0f}",
+                f"{row['streamed_speedup']:.2f}x",
+                f"**{row['streamed_over_predicted']:.2f}**",
+                f"{row['streamed_composition_bound_speedup']:.2f}x",
                 f"{100 * row['overhead_vs_saver_then_base']:+.1f} %",
             ]
             for row in data["throughput"]
         ]
-        header = ["batch", "base img/s", "cascade img/s", "speedup", "MAC-predicted", "ratio", "composition bound",
-                  "overhead"]  # fmt: skip
+        header = ["batch", "base img/s", "MAC-predicted", "forward img/s", "speedup", "ratio", "bound",
+                  "streamed img/s", "speedup", "ratio", "bound", "overhead"]  # fmt: skip
         machine = data["machine"]
         memory = data.get("memory")
         memory_line = ""
@@ -267,20 +271,31 @@ def section_throughput() -> str | None:
                 f"the forward passes {memory['cascade']['forward_increase_mib']:.1f} vs "
                 f"{memory['base']['forward_increase_mib']:.1f} MiB."
             )
+        optimisations = [
+            name
+            for name, key in (
+                ("channels-last", "channels_last"),
+                ("batch norms folded", "fold_batch_norm"),
+                ("freed memory retained", "retain_memory"),
+            )
+            if data.get(key)
+        ]
         blocks.append(
-            f"**{data['dataset']} {data['split']}**, threshold {data['threshold']:.4f}, {data['threads']} threads, "
-            f"{machine['cpu_count']} CPUs ({machine['processor']}), torch {machine['torch']}, channels-last "
-            f"{'on' if data['channels_last'] else 'off'} (`{data.get('command', 'benchmarks/throughput.py')}`)\n\n"
-            + table(header, rows)
-            + memory_line
+            f"**{data['dataset']} {data['split']}**, {data['throughput'][0]['n']} images, exit rate "
+            f"{data['throughput'][0]['exit_rate']:.1%}, threshold {data['threshold']:.4f}, {data['threads']} threads, "
+            f"{machine['cpu_count']} CPUs ({machine['processor']}), torch {machine['torch']}; "
+            f"`optimize_for_inference`: {', '.join(optimisations) or 'nothing'} "
+            f"(`{data.get('command', 'benchmarks/throughput.py')}`)\n\n" + table(header, rows) + memory_line
         )
     if not blocks:
         return None
     return (
         "### Wall-clock throughput (cascade and base alone interleaved, medians)\n\n"
-        "ratio = realised speedup / MAC-predicted speedup; composition bound = saver at the full batch + base on "
-        "exactly the sub-batches it receives; overhead = cascade with nothing exiting vs saver then base called "
-        "directly.\n\n" + "\n\n".join(blocks)
+        "forward = the cascade called once per batch (the base runs on that batch's remaining images); streamed = "
+        "`forward_stream` (the base runs on full batches of remaining images collected across input batches). "
+        "ratio = realised speedup / MAC-predicted speedup; bound = composition bound, the saver at the full batch + "
+        "the base on exactly the batches that mode sends it; overhead = cascade with nothing exiting vs saver then "
+        "base called directly, batch by batch in alternating order.\n\n" + "\n\n".join(blocks)
     )
 
 

@@ -58,3 +58,23 @@ def test_results_section_is_generated_from_the_results_files():
         sys.path.pop(0)
     assert update_readme.main(["--check"]) == 0, "run: python benchmarks/update_readme.py"
     assert "Zoo models" in update_readme.render() and "<!-- results:start -->" in README
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_serving_snippet_runs_as_written(tmp_path):
+    env = {**os.environ, "TINYSAVER_ASSETS": str(SHARED), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", readme_snippet("serving")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4  # 256 images in batches of 64, one output per batch
+    for line in lines:
+        fraction, predictions = re.fullmatch(r"(\d\.\d\d) exited (\[.*\])", line).groups()
+        assert 0.5 < float(fraction) <= 1.0 and len(ast.literal_eval(predictions)) == 8

@@ -169,7 +169,15 @@ def run_demo(args: argparse.Namespace) -> int:
         "held_out": evaluation,
         "speed": {
             key: timing[key]
-            for key in ("realised_speedup", "mac_predicted_speedup", "realised_over_predicted", "batch_size", "n")
+            for key in (
+                "realised_speedup",
+                "mac_predicted_speedup",
+                "realised_over_predicted",
+                "streamed_speedup",
+                "streamed_over_predicted",
+                "batch_size",
+                "n",
+            )
         },  # fmt: skip
         "pipeline_examples": examples,
         "seconds": time.perf_counter() - started,
@@ -185,8 +193,8 @@ def run_demo(args: argparse.Namespace) -> int:
         f"  accuracy         {100 * evaluation['accuracy']:.2f} % vs base alone {100 * evaluation['base_accuracy']:.2f} %"
         f" ({'-' if drop >= 0 else '+'}{abs(drop):.2f} points)\n"
         f"  relative MACs    {evaluation['relative_macs']:.3f} of the base's\n"
-        f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads "
-        f"(MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
+        f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads, "
+        f"{timing['streamed_speedup']:.2f}x streamed (MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
         f"  cascade          {out / 'cascade'} (push with: tinysaver push {out / 'cascade'} <user>/<repo>)\n"
         f"  plots            {out / 'search.png'}, {out / 'cascade' / 'tradeoff.png'}\n"
         f"  results          {out / 'search.json'}, {out / 'demo.json'}\n"
