@@ -15,9 +15,11 @@ Cascade and base alone both run as prepared by `optimize_for_inference()` (flags
 
 Peak resident memory at batch 64 is measured in fresh processes (one per variant).
 
-Usage:
-    python benchmarks/throughput.py --model CASCADE_DIR --dataset cifar10 --split 'test[50%:]' \
-        --results-file benchmarks/results/throughput_cifar10.json
+Usage (a calibrated cascade first, e.g. the CIFAR-10 one of `calibrate_evaluate.py`):
+    python benchmarks/calibrate_evaluate.py --task cifar10 --out-dir /tmp/bench/cascades \
+        --results-file benchmarks/results/calibrate_evaluate_cifar10.json
+    python benchmarks/throughput.py --model /tmp/bench/cascades/cifar10-in_sample --dataset cifar10 \
+        --split 'test[50%:]' --num-images 2048 --results-file benchmarks/results/throughput_cifar10.json
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--dataset", "-d", required=True, help="Zoo dataset name, local dataset folder or Hub id.")
     parser.add_argument("--split", default="test", help="Split with `datasets` slicing, e.g. 'test[50%%:]'.")
-    parser.add_argument("--num-images", type=int, default=1024, help="Images to time on (first N of the split).")
+    parser.add_argument("--num-images", type=int, default=2048, help="Images to time on (first N of the split).")
     parser.add_argument("--batch-sizes", "-b", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=5, help="Interleaved repeats; medians are reported.")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads.")

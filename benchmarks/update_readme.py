@@ -295,7 +295,9 @@ def section_throughput() -> str | None:
         "`forward_stream` (the base runs on full batches of remaining images collected across input batches). "
         "ratio = realised speedup / MAC-predicted speedup; bound = composition bound, the saver at the full batch + "
         "the base on exactly the batches that mode sends it; overhead = cascade with nothing exiting vs saver then "
-        "base called directly, batch by batch in alternating order.\n\n" + "\n\n".join(blocks)
+        "base called directly, batch by batch in alternating order. The cascade is the in-sample CIFAR-10 one of the "
+        "calibration table (`python benchmarks/calibrate_evaluate.py --task cifar10 --out-dir /tmp/bench/cascades "
+        "--results-file ...` keeps it as `/tmp/bench/cascades/cifar10-in_sample`).\n\n" + "\n\n".join(blocks)
     )
 
 
