@@ -33,7 +33,8 @@ def compute_confidence(logits: torch.Tensor, metric: str = "max_prob", temperatu
         raise ValueError(f"Expected logits of shape (batch, num_labels), got {tuple(logits.shape)}.")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
-    logits = logits.detach()
+    if logits.requires_grad:
+        logits = logits.detach()
     if temperature != 1.0:
         logits = logits.to(torch.float64) / temperature
     if metric == "max_prob":

@@ -33,9 +33,9 @@ from .image_processing_tinysaver import (
 )
 from .modeling_cifar_resnet import CifarResNetForImageClassification
 
-# Sub-model classes defined by this library, built directly so that remote code needs no Auto registration.
 logger = logging.get_logger(__name__)
 
+# Sub-model classes defined by this library, built directly so that remote code needs no Auto registration.
 LOCAL_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"cifar_resnet": CifarResNetForImageClassification}
 
 
@@ -285,10 +285,10 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         These are CPU serving optimisations measured in `benchmarks/throughput.py`: folding each batch norm into the
         convolution before it removes one pass over every activation, oneDNN convolutions run faster in channels-last
         layout, and keeping freed memory mapped stops glibc from handing activation memory back to the system after
-        every forward pass and page-faulting it in again on the next (1.5x to 1.9x slower CIFAR ResNets at batch 64
-        here, and worst for the small saver). Predictions are unchanged up to float rounding; the parameters, and so
-        `save_pretrained`, are untouched: folded weights live in non-persistent buffers that follow later weight
-        changes, and `train()` brings the batch norms back.
+        every forward pass and page-faulting it in again on the next (which made ResNet-56 1.6x and ResNet-20 1.9x
+        slower at batch 64 here: the smaller the model, the larger the share). Predictions are unchanged up to float
+        rounding; the parameters, and so `save_pretrained`, are untouched: folded weights live in non-persistent
+        buffers that follow later weight changes, and `train()` brings the batch norms back.
 
         Args:
             channels_last (`bool`, *optional*, defaults to `True`):
@@ -420,13 +420,13 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         saver_logits, saver_confidence, exited = self.run_saver(pixel_values, threshold)
 
         logits = saver_logits
-        remaining = torch.nonzero(~exited, as_tuple=True)[0]
-        if remaining.numel() > 0:
+        remaining_count, remaining = rows_that_did_not_exit(exited)
+        if remaining_count > 0:
             base_inputs = base_pixel_values if base_pixel_values is not None else pixel_values
-            if remaining.numel() < base_inputs.shape[0]:
+            if remaining is not None:
                 base_inputs = base_inputs.index_select(0, remaining)
             base_logits = self.base(pixel_values=base_inputs).logits
-            if remaining.numel() == exited.shape[0]:
+            if remaining is None:
                 logits = base_logits
             else:
                 logits = saver_logits.index_copy(0, remaining, base_logits.to(saver_logits.dtype))
@@ -500,21 +500,23 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                 base_batch_size = max(1, pixel_values.shape[0])
             with torch.no_grad():
                 saver_logits, saver_confidence, exited = self.run_saver(pixel_values, threshold)
-                remaining = torch.nonzero(~exited, as_tuple=True)[0]
+                remaining_count, remaining = rows_that_did_not_exit(exited)
                 output = TinySaverImageClassifierOutput(
                     logits=saver_logits.clone(),
                     exited=exited,
                     saver_confidence=saver_confidence,
                     saver_logits=saver_logits,
                 )
-                entry = [output, remaining.numel()]
+                entry = [output, remaining_count]
                 waiting.append(entry)
-                if remaining.numel() > 0:
+                if remaining_count > 0:
                     base_inputs = base_pixel_values if base_pixel_values is not None else pixel_values
-                    if remaining.numel() < base_inputs.shape[0]:
+                    if remaining is None:
+                        remaining = torch.arange(remaining_count, device=exited.device)
+                    else:
                         base_inputs = base_inputs.index_select(0, remaining)
                     queue.append((entry, remaining, base_inputs))
-                    queued += remaining.numel()
+                    queued += remaining_count
                 while queued >= base_batch_size:
                     queued -= self._run_base_on_queue(queue, base_batch_size)
             while waiting and waiting[0][1] == 0:
@@ -614,7 +616,9 @@ def folded_batch_norm_class(batch_norm: nn.Module) -> type[nn.Module] | None:
         return FoldedBatchNorm2d
     if type(batch_norm).__name__ == "BatchNormAct2d" and type(batch_norm).__module__.startswith("timm."):
         # timm's fused norm + activation: keep the dropout and activation that follow the normalisation.
-        return FOLDED_TIMM_BATCH_NORM_ACT.setdefault(type(batch_norm), make_folded_batch_norm_act(type(batch_norm)))
+        if type(batch_norm) not in FOLDED_TIMM_BATCH_NORM_ACT:
+            FOLDED_TIMM_BATCH_NORM_ACT[type(batch_norm)] = make_folded_batch_norm_act(type(batch_norm))
+        return FOLDED_TIMM_BATCH_NORM_ACT[type(batch_norm)]
     return None
 
 
@@ -704,11 +708,12 @@ def retain_freed_memory(trim_threshold: int = 1 << 30) -> bool:
 
     By default glibc returns freed memory at the top of its heap once more than twice the largest recent allocation
     is free, and serves large blocks with fresh `mmap`s. PyTorch's CPU activations are such blocks, freed at the end
-    of every forward pass, so each pass page-faults its working set in again: 0.7 to 2.7 million page faults per
-    thousand CIFAR images here, and a third to half of the run time. With allocations up to 32 MiB served from the
-    heap and up to `trim_threshold` bytes of free heap kept, later passes reuse the same pages. The process keeps
-    its peak memory instead of shrinking back; setting `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the
-    environment, or running under jemalloc or tcmalloc, has the same effect.
+    of every forward pass, so each pass page-faults its working set in again: about 70,000 (batch 16) to 270,000
+    (batch 64) page faults per thousand CIFAR images here, a third to a half of the CIFAR ResNets' run time. With
+    allocations up to 32 MiB served from the heap and up to `trim_threshold` bytes of free heap kept, later passes
+    reuse the same pages. The process keeps its peak memory instead of shrinking back; setting
+    `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment, or running under jemalloc or tcmalloc,
+    has the same effect.
 
     Process-wide and lasting; a no-op (returning `False`) where the C library is not glibc.
 
@@ -746,6 +751,25 @@ def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> P
         if name in ZOO:
             return load_zoo_model(name)
     return AutoModelForImageClassification.from_pretrained(name)
+
+
+def rows_that_did_not_exit(exited: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """Counts the rows that did not exit and, when only some of them did, gives their indices.
+
+    Reads the exit flags to the host once: after a large convolution each small tensor op costs several
+    microseconds, which at batch 1 would otherwise add up to a visible share of the cascade's time.
+
+    Args:
+        exited: `(batch,)` boolean exit mask.
+
+    Returns:
+        The number of rows that did not exit, and their indices (`None` when all or none of them exited).
+    """
+    flags = exited.tolist()
+    remaining = [index for index, flag in enumerate(flags) if not flag]
+    if not remaining or len(remaining) == len(flags):
+        return len(remaining), None
+    return len(remaining), torch.tensor(remaining, device=exited.device)
 
 
 def stream_batch_inputs(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
