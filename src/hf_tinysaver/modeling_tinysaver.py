@@ -287,8 +287,10 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         layout, and keeping freed memory mapped stops glibc from handing activation memory back to the system after
         every forward pass and page-faulting it in again on the next (which made ResNet-56 1.6x and ResNet-20 1.9x
         slower at batch 64 here: the smaller the model, the larger the share). Predictions are unchanged up to float
-        rounding; the parameters, and so `save_pretrained`, are untouched: folded weights live in non-persistent
-        buffers that follow later weight changes, and `train()` brings the batch norms back.
+        rounding (on CUDA with TF32 convolutions, PyTorch's default for cuDNN, that rounding is TF32's, about 1e-3
+        relative, enough to flip an exit that sits right at the threshold); the parameters, and so
+        `save_pretrained`, are untouched: folded weights live in non-persistent buffers that follow later weight
+        changes, and `train()` brings the batch norms back.
 
         Args:
             channels_last (`bool`, *optional*, defaults to `True`):
