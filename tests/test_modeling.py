@@ -12,7 +12,7 @@ import pytest
 import timm.data
 import torch
 
-from conftest import random_images
+from conftest import SHARED, random_images, requires_shared
 from hf_tinysaver import (
     TinySaverConfig,
     TinySaverForImageClassification,
@@ -544,3 +544,27 @@ def test_retain_freed_memory_stops_page_faults_on_every_forward_pass(tmp_path):
     # Batch 64 of 32x32 images: each pass frees and re-faults megabytes of activations under glibc's defaults.
     assert int(faults["default"]) > 2000
     assert int(faults["retain"]) < int(faults["default"]) / 10
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_real_cifar_cascade_keeps_its_decisions_when_optimized_and_streamed():
+    from hf_tinysaver.zoo import load_zoo_dataset
+
+    cascade = TinySaverForImageClassification.from_saver_and_base(
+        "cifar10-resnet20", "cifar10-resnet56", threshold=0.6541
+    ).eval()  # zoo names resolve in TINYSAVER_ASSETS, else ../shared, as SHARED does
+    images = load_zoo_dataset("cifar10", "test[5000:5512]", assets=str(SHARED))["image"]
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        plain = cascade(**inputs)
+    cascade.optimize_for_inference()
+    assert batch_norm_count(cascade, "BatchNormFoldedConv2d") == 19 + 55  # every conv of both ResNets
+    with torch.inference_mode():
+        optimized = cascade(**inputs)
+        streamed = list(cascade.forward_stream(inputs["pixel_values"].split(64)))
+    assert 0.8 < float(plain.exited.float().mean()) < 1.0
+    assert torch.equal(optimized.exited, plain.exited)
+    torch.testing.assert_close(optimized.logits, plain.logits, atol=1e-4, rtol=1e-5)
+    assert torch.equal(torch.cat([output.exited for output in streamed]), plain.exited)
+    torch.testing.assert_close(torch.cat([output.logits for output in streamed]), optimized.logits, atol=1e-4, rtol=0)

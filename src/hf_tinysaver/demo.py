@@ -178,7 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "batch_size",
                 "n",
             )
-        },  # fmt: skip
+        },
         "pipeline_examples": examples,
         "seconds": time.perf_counter() - started,
     }
