@@ -476,6 +476,37 @@ def test_forward_stream_yields_each_batch_as_soon_as_it_is_complete(mixed_pair):
     assert all(output.exited.all() for output in outputs) and recorder.batch_sizes == []
 
 
+@pytest.mark.parametrize("max_waiting_batches", [0, 1])
+def test_forward_stream_bounds_how_many_batches_wait_for_the_base(mixed_pair, max_waiting_batches):
+    cascade = build(*mixed_pair)
+    inputs = cascade.get_image_processor()(images=random_images(12, seed=5), return_tensors="pt")
+    batches = split_inputs(inputs, [4, 4, 4])
+    consumed = []
+
+    def tracked():
+        for index, batch in enumerate(batches):
+            consumed.append(index)
+            yield batch
+
+    recorder = CallRecorder(cascade.base)
+    try:
+        # Nothing exits and base batches of 100 never fill: only the bound makes the base run before the end.
+        stream = cascade.forward_stream(
+            tracked(), base_batch_size=100, threshold=1.0, max_waiting_batches=max_waiting_batches
+        )
+        first = next(stream)
+        assert consumed == list(range(max_waiting_batches + 1))
+        outputs = [first, *stream]
+    finally:
+        recorder.remove()
+    assert recorder.batch_sizes == ([4, 4, 4] if max_waiting_batches == 0 else [8, 4])
+    with torch.no_grad():
+        expected = cascade(**inputs, threshold=1.0)
+    torch.testing.assert_close(torch.cat([o.logits for o in outputs]), expected.logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="max_waiting_batches"):
+        list(cascade.forward_stream(batches, max_waiting_batches=-1))
+
+
 def test_forward_stream_accepts_tensors_for_shared_preprocessing_and_rejects_bad_input(mixed_pair, timm_pair):
     cascade = build(*timm_pair)
     pixel_values = torch.randn(6, 3, 32, 32)

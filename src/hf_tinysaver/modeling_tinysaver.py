@@ -449,6 +449,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
         base_batch_size: int | None = None,
         threshold: float | None = None,
+        max_waiting_batches: int | None = None,
     ) -> Iterator[TinySaverImageClassifierOutput]:
         r"""
         Classifies a stream of batches, running the base on full batches of the images that did not exit.
@@ -458,7 +459,8 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         requests), this method instead collects those images across batches and runs the base once it has
         `base_batch_size` of them (and on the rest at the end), so the base always works on full batches. Each
         input batch's output is yielded, in input order, as soon as all of its images are answered; an image that
-        needs the base may therefore wait for later batches. Predictions equal `forward`'s up to float rounding.
+        needs the base may therefore wait for later batches (bound that with `max_waiting_batches`). Predictions
+        equal `forward`'s up to float rounding.
 
         Args:
             batches (`Iterable[torch.Tensor | Mapping[str, torch.Tensor]]`):
@@ -469,6 +471,10 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                 Images per base call; defaults to the size of the first batch.
             threshold (`float`, *optional*):
                 Overrides `config.threshold`.
+            max_waiting_batches (`int`, *optional*):
+                Latency bound: when more input batches than this are waiting for the base, it runs at once on
+                whatever is queued, even less than a full batch. `0` answers every batch before reading the next
+                (like `forward`); the default waits for full batches.
 
         Returns:
             An iterator of [`TinySaverImageClassifierOutput`] (without `loss`), one per input batch.
@@ -492,6 +498,8 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         """
         if base_batch_size is not None and (isinstance(base_batch_size, bool) or int(base_batch_size) < 1):
             raise ValueError(f"base_batch_size must be a positive number of images, got {base_batch_size!r}.")
+        if max_waiting_batches is not None and (isinstance(max_waiting_batches, bool) or int(max_waiting_batches) < 0):
+            raise ValueError(f"max_waiting_batches must be 0 or more batches, got {max_waiting_batches!r}.")
         waiting = deque()  # [output, images still without base logits], in input order
         queue = deque()  # (waiting entry, row positions in its batch, base inputs of those rows)
         queued = 0
@@ -523,6 +531,12 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                     queued -= self._run_base_on_queue(queue, base_batch_size)
             while waiting and waiting[0][1] == 0:
                 yield waiting.popleft()[0]
+            if max_waiting_batches is not None and len(waiting) > max_waiting_batches:
+                with torch.no_grad():
+                    while queued > 0:
+                        queued -= self._run_base_on_queue(queue, base_batch_size)
+                while waiting and waiting[0][1] == 0:
+                    yield waiting.popleft()[0]
         with torch.no_grad():
             while queued > 0:
                 queued -= self._run_base_on_queue(queue, base_batch_size)
