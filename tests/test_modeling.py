@@ -507,6 +507,25 @@ def test_forward_stream_bounds_how_many_batches_wait_for_the_base(mixed_pair, ma
         list(cascade.forward_stream(batches, max_waiting_batches=-1))
 
 
+def test_forward_stream_copes_with_a_reused_input_buffer(timm_pair):
+    cascade = build(*timm_pair)
+    cascade.config.saver_preprocessing = cascade.config.base_preprocessing  # one tensor feeds both
+    images = torch.randn(3, 4, 3, 32, 32)
+    with torch.no_grad():
+        expected = [cascade(pixel_values=batch, threshold=1.0).logits for batch in images]
+
+    def refilled_buffer():
+        buffer = torch.empty(4, 3, 32, 32)
+        for batch in images:
+            buffer.copy_(batch)  # a camera or loader writing each batch into the same memory
+            yield buffer
+
+    # Nothing exits and the base waits for 12 images: every batch is queued while the buffer is overwritten.
+    outputs = list(cascade.forward_stream(refilled_buffer(), base_batch_size=12, threshold=1.0))
+    for output, logits in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(output.logits, logits, atol=1e-5, rtol=0)
+
+
 def test_forward_stream_accepts_tensors_for_shared_preprocessing_and_rejects_bad_input(mixed_pair, timm_pair):
     cascade = build(*timm_pair)
     pixel_values = torch.randn(6, 3, 32, 32)

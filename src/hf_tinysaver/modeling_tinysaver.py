@@ -522,7 +522,9 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                 if remaining_count > 0:
                     base_inputs = base_pixel_values if base_pixel_values is not None else pixel_values
                     if remaining is None:
+                        # A copy, like index_select's: the caller may refill its input buffer for the next batch.
                         remaining = torch.arange(remaining_count, device=exited.device)
+                        base_inputs = base_inputs.clone()
                     else:
                         base_inputs = base_inputs.index_select(0, remaining)
                     queue.append((entry, remaining, base_inputs))
