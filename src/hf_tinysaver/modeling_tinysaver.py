@@ -503,6 +503,11 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         waiting = deque()  # [output, images still without base logits], in input order
         queue = deque()  # (waiting entry, row positions in its batch, base inputs of those rows)
         queued = 0
+
+        def answered() -> Iterator[TinySaverImageClassifierOutput]:
+            while waiting and waiting[0][1] == 0:
+                yield waiting.popleft()[0]
+
         for batch in batches:
             pixel_values, base_pixel_values = stream_batch_inputs(batch)
             self.check_inputs(pixel_values, base_pixel_values)
@@ -531,19 +536,16 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                     queued += remaining_count
                 while queued >= base_batch_size:
                     queued -= self._run_base_on_queue(queue, base_batch_size)
-            while waiting and waiting[0][1] == 0:
-                yield waiting.popleft()[0]
+            yield from answered()
             if max_waiting_batches is not None and len(waiting) > max_waiting_batches:
                 with torch.no_grad():
                     while queued > 0:
                         queued -= self._run_base_on_queue(queue, base_batch_size)
-                while waiting and waiting[0][1] == 0:
-                    yield waiting.popleft()[0]
+                yield from answered()
         with torch.no_grad():
             while queued > 0:
                 queued -= self._run_base_on_queue(queue, base_batch_size)
-        while waiting:
-            yield waiting.popleft()[0]
+        yield from answered()
 
     def _run_base_on_queue(self, queue: deque, max_images: int) -> int:
         """Runs the base once on up to `max_images` queued images and writes its logits into their outputs.

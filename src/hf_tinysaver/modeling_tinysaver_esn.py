@@ -724,13 +724,7 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             return_dict (`bool`, *optional*):
                 Return a [`TinySaverESNImageClassifierOutput`] (default) or a tuple.
         """
-        if pixel_values is None:
-            raise ValueError("pixel_values is required; prepare images with TinySaverImageProcessor.")
-        if base_pixel_values is None and self._needs_base_pixel_values():
-            raise ValueError(
-                "This cascade's saver and base use different preprocessing, so `base_pixel_values` is required. "
-                "Prepare images with `TinySaverImageProcessor` (`model.get_image_processor()`), which returns both."
-            )
+        self.check_inputs(pixel_values, base_pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         threshold = self.config.threshold if threshold is None else float(threshold)
         exit_thresholds = list(self.config.exit_thresholds if exit_thresholds is None else exit_thresholds)
