@@ -419,6 +419,13 @@ def split_inputs(inputs, sizes):
     return batches
 
 
+def tracked(batches, consumed):
+    """Yields the batches, noting in `consumed` the index of each one read, to see how far a stream has read."""
+    for index, batch in enumerate(batches):
+        consumed.append(index)
+        yield batch
+
+
 @pytest.mark.parametrize("base_batch_size", [None, 1, 3, 100])
 def test_forward_stream_matches_forward_and_runs_base_on_full_batches(mixed_pair, base_batch_size):
     cascade = build(*mixed_pair)
@@ -456,13 +463,8 @@ def test_forward_stream_yields_each_batch_as_soon_as_it_is_complete(mixed_pair):
     batches = split_inputs(inputs, [4, 4, 4])
     consumed = []
 
-    def tracked():
-        for index, batch in enumerate(batches):
-            consumed.append(index)
-            yield batch
-
     # Nothing exits and the base takes 4 images at a time: each batch is answered before the next is read.
-    stream = cascade.forward_stream(tracked(), threshold=1.0)
+    stream = cascade.forward_stream(tracked(batches, consumed), threshold=1.0)
     for index in range(3):
         output = next(stream)
         assert consumed == list(range(index + 1))
@@ -483,16 +485,11 @@ def test_forward_stream_bounds_how_many_batches_wait_for_the_base(mixed_pair, ma
     batches = split_inputs(inputs, [4, 4, 4])
     consumed = []
 
-    def tracked():
-        for index, batch in enumerate(batches):
-            consumed.append(index)
-            yield batch
-
     recorder = CallRecorder(cascade.base)
     try:
         # Nothing exits and base batches of 100 never fill: only the bound makes the base run before the end.
         stream = cascade.forward_stream(
-            tracked(), base_batch_size=100, threshold=1.0, max_waiting_batches=max_waiting_batches
+            tracked(batches, consumed), base_batch_size=100, threshold=1.0, max_waiting_batches=max_waiting_batches
         )
         first = next(stream)
         assert consumed == list(range(max_waiting_batches + 1))

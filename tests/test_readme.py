@@ -21,6 +21,16 @@ def readme_snippet(name: str) -> str:
     return match.group(1)
 
 
+def run_readme_snippet(name: str, cwd) -> list[str]:
+    """Runs a README snippet in a fresh, offline Python process on the real assets; returns its output lines."""
+    env = {**os.environ, "TINYSAVER_ASSETS": str(SHARED), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", readme_snippet(name)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()
+
+
 def test_ci_runs_exactly_the_readme_install_and_test_commands():
     ci_script = (REPO_ROOT / ".ci" / "run").read_text()
     bash_blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
@@ -32,17 +42,7 @@ def test_ci_runs_exactly_the_readme_install_and_test_commands():
 @pytest.mark.slow
 @requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
 def test_python_quickstart_runs_as_written(tmp_path):
-    env = {**os.environ, "TINYSAVER_ASSETS": str(SHARED), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", readme_snippet("quickstart")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_readme_snippet("quickstart", tmp_path)
     exited_text, predictions_text = re.fullmatch(r"(\[.*?\]) (\[.*?\])", lines[0]).groups()
     exited, predictions = ast.literal_eval(exited_text), ast.literal_eval(predictions_text)
     assert len(exited) == len(predictions) == 4
@@ -63,17 +63,7 @@ def test_results_section_is_generated_from_the_results_files():
 @pytest.mark.slow
 @requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
 def test_serving_snippet_runs_as_written(tmp_path):
-    env = {**os.environ, "TINYSAVER_ASSETS": str(SHARED), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", readme_snippet("serving")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_readme_snippet("serving", tmp_path)
     assert len(lines) == 4  # 256 images in batches of 64, one output per batch
     for line in lines:
         fraction, predictions = re.fullmatch(r"(\d\.\d\d) exited (\[.*\])", line).groups()
