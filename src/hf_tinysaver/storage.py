@@ -357,10 +357,32 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, f"Cannot swap {second} for {first}: {os.strerror(code)}")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for root, _, files in os.walk(folder):
+def current_umask() -> int:
+    """The process's umask (read from `/proc` on Linux, else by setting and restoring it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _finish_tree(folder: Path) -> None:
+    """Gives every file and folder the usual mode (`0o666` / `0o777` less the umask: `save_pretrained` writes its
+    weights with the `0o600` of a temporary file) and flushes everything to disk."""
+    mask = current_umask()
+    for root, directories, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
         for name in files:
-            with open(os.path.join(root, name), "rb") as file:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
+            with open(path, "rb") as file:
                 os.fsync(file.fileno())
         descriptor = os.open(root, os.O_RDONLY)
         try:
@@ -442,7 +464,7 @@ def atomic_folder(
             yield temporary
             # Checked again: the folder may have changed during the (long) work in the block.
             check_output_folder(target, overwrite=overwrite, kind=kind, option=option)
-            _fsync_tree(temporary)
+            _finish_tree(temporary)
             _swap_in(temporary, target)
         finally:
             if temporary.exists():
@@ -455,6 +477,7 @@ __all__ = [
     "atomic_folder",
     "check_output_folder",
     "copy_file_atomic",
+    "current_umask",
     "foreign_files",
     "recover_output_folder",
     "write_bytes_atomic",
