@@ -46,8 +46,13 @@ def calibrate_argv(out: Path, cache: Path, which: list[str], *extra: str) -> lis
 
 
 def siblings(target: Path) -> list[str]:
-    """Hidden temporary folders beside `target` (`.<name>.tmp-*`, `.<name>.old-*`)."""
+    """Hidden temporary folders beside `target` (`.<name>.tmp-*`, `.<name>.old-*`, `.<name>.probe-*`)."""
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def temporaries(target: Path, pid: int | str = "") -> list[str]:
+    """The temporary folders the save writes into (`.<name>.tmp-<pid>-*`): they exist during the save phase only."""
+    return [name for name in siblings(target) if name.startswith(f".{target.name}.tmp-{pid}")]
 
 
 # ------------------------------------------------------------------------------------------ refusing bad --out
@@ -327,6 +332,9 @@ def references(fork_server, records_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("references")
     fork_server.start(calibrate_argv(root / "old", records_cache, OLD_ARGS))
     assert os.WEXITSTATUS(fork_server.wait()) == 0
+    # Once into a scratch folder so that the new saver is converted and recorded (cached) before the timed run.
+    fork_server.start(calibrate_argv(root / "scratch", records_cache, NEW_ARGS))
+    assert os.WEXITSTATUS(fork_server.wait()) == 0
     # Timed run into a copy of the old one: when the temporary folder appears (the save phase starts) and ends.
     target = root / "new"
     shutil.copytree(root / "old", target)
@@ -334,7 +342,7 @@ def references(fork_server, records_cache, tmp_path_factory):
     pid = fork_server.start(calibrate_argv(target, records_cache, NEW_ARGS, "--overwrite"))
     save_started = None
     while alive(pid):
-        if save_started is None and siblings(target):
+        if save_started is None and temporaries(target):
             save_started = time.perf_counter() - started
         time.sleep(0.002)
     duration = time.perf_counter() - started
@@ -366,12 +374,14 @@ def test_sigkill_at_random_moments_leaves_the_old_or_the_new_cascade(fork_server
         except ProcessLookupError:
             pass
         status = fork_server.wait()
-        killed_mid_save = bool([name for name in siblings(target) if f"-{pid}-" in name])
+        killed_mid_save = bool(temporaries(target, f"{pid}-"))
         killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         assert killed or os.WEXITSTATUS(status) == 0
         outcomes.append((round(delay, 3), killed, killed_mid_save, verify(target, states)))
-    summary = "\n".join(map(str, outcomes))
-    assert sum(killed for _, killed, _, _ in outcomes) >= 12, summary
+    summary = f"run {duration:.2f} s, save phase from {save_started:.2f} s; (delay, killed, mid-save, result):\n"
+    summary += "\n".join(map(str, outcomes))
+    print(summary)
+    assert sum(killed for _, killed, _, _ in outcomes) >= 8, summary
     assert sum(mid_save for _, _, mid_save, _ in outcomes) >= 3, f"too few kills hit the save phase:\n{summary}"
 
     # The stale temporary folders of the killed runs do not break the next save, which removes them.
@@ -391,7 +401,7 @@ def test_sigint_and_sigterm_in_the_save_phase_leave_no_temporary_folder(
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(root / "old", target)
     pid = fork_server.start(calibrate_argv(target, records_cache, NEW_ARGS, "--overwrite"))
-    while alive(pid) and not siblings(target):
+    while alive(pid) and not temporaries(target):
         time.sleep(0.001)
     try:
         os.kill(pid, signum)
@@ -416,7 +426,7 @@ def test_sigkill_of_the_console_script_in_the_save_phase(references, records_cac
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    while process.poll() is None and not siblings(target):
+    while process.poll() is None and not temporaries(target):
         time.sleep(0.001)
     process.kill()
     process.wait()

@@ -223,7 +223,8 @@ def recover_output_folder(target: str | os.PathLike) -> None:
     """Repairs what an interrupted [`atomic_folder`] swap left beside `target`, when no live process owns it.
 
     Puts a complete old folder back when a two-rename swap was cut between its renames (the target name is absent and
-    a `.<name>.old-*` sibling holds the old folder), and deletes leftover `.<name>.tmp-*` / `.<name>.old-*` siblings.
+    a `.<name>.old-*` sibling holds the old folder), and deletes leftover `.<name>.tmp-*`, `.<name>.old-*` and
+    `.<name>.probe-*` siblings.
     """
     target = Path(target)
     for old in _siblings(target, "old"):
@@ -234,9 +235,10 @@ def recover_output_folder(target: str | os.PathLike) -> None:
                 os.rename(old, target)
         else:
             shutil.rmtree(old, ignore_errors=True)
-    for temporary in _siblings(target, "tmp"):
-        if not _owner_alive(temporary.name):
-            shutil.rmtree(temporary, ignore_errors=True)
+    for marker in ("tmp", "probe"):
+        for temporary in _siblings(target, marker):
+            if not _owner_alive(temporary.name):
+                shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -324,7 +326,9 @@ def check_output_folder(
             f"{option} {str(path)!r} cannot be written: making a folder in {str(ancestor)!r} fails "
             f"({error.strerror or error}). Choose a writable place."
         ) from error
-    os.rmdir(probe)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
     if path.is_dir() and not overwrite:
         foreign = foreign_files(path, kind)
         if foreign:
@@ -375,7 +379,7 @@ def _finish_tree(folder: Path) -> None:
     """Gives every file and folder the usual mode (`0o666` / `0o777` less the umask: `save_pretrained` writes its
     weights with the `0o600` of a temporary file) and flushes everything to disk."""
     mask = current_umask()
-    for root, directories, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             path = os.path.join(root, name)
@@ -459,8 +463,8 @@ def atomic_folder(
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     with _TerminateAsInterrupt():
-        os.mkdir(temporary)  # 0o777 less the umask, like any folder
         try:
+            os.mkdir(temporary)  # 0o777 less the umask, like any folder; inside `try` for an interrupt right after
             yield temporary
             # Checked again: the folder may have changed during the (long) work in the block.
             check_output_folder(target, overwrite=overwrite, kind=kind, option=option)
