@@ -513,6 +513,7 @@ def test_push_uploads_exactly_the_folders_own_files(fake_hub, hub_env, saved_cas
         (folder / hidden).mkdir()
         shutil.copyfile(secret, folder / hidden / "secret.png")
     (folder / "sub").mkdir()
+    shutil.copyfile(secret, folder / "sub" / ".hidden.png")
     (folder / "sub" / "extra.txt").write_text("mine")
     (folder / "sub" / "inside-link.txt").symlink_to(folder / "sub" / "extra.txt")
     commit = push_cascade(folder, "tester/own-files")
