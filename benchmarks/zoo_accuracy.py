@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from hf_tinysaver.flops import macs_summary
 from hf_tinysaver.image_processing_tinysaver import TinySaverImageProcessor
+from hf_tinysaver.storage import write_text_atomic
 from hf_tinysaver.zoo import ZOO_MODELS, load_zoo_dataset, load_zoo_model, resolve_assets
 from hf_tinysaver.zoo.mobilenet_tflite import TFLiteImageClassifier, pixel_values_to_uint8
 
@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    results_file = Path(args.results_file)
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = results_file.with_name(f".{results_file.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temporary, results_file)
+    results_file = write_text_atomic(args.results_file, json.dumps(report, indent=2) + "\n")
     print(f"Wrote {results_file}")
     return 0
 

@@ -79,7 +79,19 @@ def add_parser(subparsers) -> None:
         default=None,
         help="Calibrate on the first N and evaluate on the last N images only (quick runs).",
     )
-    parser.add_argument("--out", "-o", default="tinysaver-demo", help="Folder for the cascade, plot and results.")
+    parser.add_argument(
+        "--out",
+        "-o",
+        default="tinysaver-demo",
+        help="Folder for the cascade, plots and results. It is written beside and swapped in when the demo "
+        "completes, so an interrupted run leaves the previous output intact. An existing folder is replaced only "
+        "when it holds nothing but an earlier demo output, or with --overwrite.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
+    )
     parser.add_argument(
         "--assets",
         default=None,
@@ -92,11 +104,8 @@ def add_parser(subparsers) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     import torch
-    from transformers import pipeline
 
-    from .benchmark import time_cascade
-    from .search import save_winning_cascade, search_savers
-    from .workflow import evaluate_cascade, load_dataset_split, write_json_atomic
+    from .storage import atomic_folder, check_output_folder
 
     task = dict(DEMO_TASKS[args.task])
     if args.limit:  # the first and the last N images: still disjoint halves when N is at most half the split
@@ -108,10 +117,41 @@ def run_demo(args: argparse.Namespace) -> int:
             "the demo needs these real assets, which are missing:\n  - " + "\n  - ".join(missing) + "\n"
             "Point --assets (or TINYSAVER_ASSETS) at the project's `shared` folder, which holds models/ and datasets/."
         )
+    final = check_output_folder(args.out, overwrite=args.overwrite, kind="demo")
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     common = {"batch_size": args.batch_size, "assets": args.assets, "cache_dir": args.cache_dir}
+
+    with atomic_folder(final, overwrite=args.overwrite, kind="demo") as out:
+        search, cascade, evaluation, timing, report = _run_steps(args, task, out, common, started)
+    out = final
+    drop = evaluation["accuracy_drop_points"]
+    print(
+        "\nTinySaver demo report\n"
+        f"  saver chosen     {search.winner.name} (for base {task['base']})\n"
+        f"  threshold        {cascade.config.threshold:.6g} ({cascade.config.confidence}, max-drop {args.max_drop})\n"
+        f"  held-out images  {evaluation['n']} ({task['dataset']} {task['evaluation_split']})\n"
+        f"  exit rate        {100 * evaluation['exit_rate']:.1f} % answered by the saver alone\n"
+        f"  accuracy         {100 * evaluation['accuracy']:.2f} % vs base alone {100 * evaluation['base_accuracy']:.2f} %"
+        f" ({'-' if drop >= 0 else '+'}{abs(drop):.2f} points)\n"
+        f"  relative MACs    {evaluation['relative_macs']:.3f} of the base's\n"
+        f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads, "
+        f"{timing['streamed_speedup']:.2f}x streamed (MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
+        f"  cascade          {out / 'cascade'} (push with: tinysaver push {out / 'cascade'} <user>/<repo>)\n"
+        f"  plots            {out / 'search.png'}, {out / 'cascade' / 'tradeoff.png'}\n"
+        f"  results          {out / 'search.json'}, {out / 'demo.json'}\n"
+        f"  took             {report['seconds']:.0f} s"
+    )
+    return 0
+
+
+def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, started: float):
+    """Steps 1 to 5 of the demo, writing into `out` (the temporary folder swapped in when all succeeded)."""
+    from transformers import pipeline
+
+    from .benchmark import time_cascade
+    from .search import save_winning_cascade, search_savers
+    from .storage import write_json_atomic
+    from .workflow import evaluate_cascade, load_dataset_split
 
     print(f"[1/5] Searching the best saver for {task['base']} among {', '.join(task['candidates'])} "
           f"on {task['dataset']} {task['calibration_split']}", flush=True)  # fmt: skip
@@ -183,21 +223,4 @@ def run_demo(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - started,
     }
     write_json_atomic(out / "demo.json", report)
-    drop = evaluation["accuracy_drop_points"]
-    print(
-        "\nTinySaver demo report\n"
-        f"  saver chosen     {search.winner.name} (for base {task['base']})\n"
-        f"  threshold        {cascade.config.threshold:.6g} ({cascade.config.confidence}, max-drop {args.max_drop})\n"
-        f"  held-out images  {evaluation['n']} ({task['dataset']} {task['evaluation_split']})\n"
-        f"  exit rate        {100 * evaluation['exit_rate']:.1f} % answered by the saver alone\n"
-        f"  accuracy         {100 * evaluation['accuracy']:.2f} % vs base alone {100 * evaluation['base_accuracy']:.2f} %"
-        f" ({'-' if drop >= 0 else '+'}{abs(drop):.2f} points)\n"
-        f"  relative MACs    {evaluation['relative_macs']:.3f} of the base's\n"
-        f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads, "
-        f"{timing['streamed_speedup']:.2f}x streamed (MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
-        f"  cascade          {out / 'cascade'} (push with: tinysaver push {out / 'cascade'} <user>/<repo>)\n"
-        f"  plots            {out / 'search.png'}, {out / 'cascade' / 'tradeoff.png'}\n"
-        f"  results          {out / 'search.json'}, {out / 'demo.json'}\n"
-        f"  took             {report['seconds']:.0f} s"
-    )
-    return 0
+    return search, cascade, evaluation, timing, report

@@ -34,7 +34,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from .calibration import CascadeSimulation
 from .confidence import compute_confidence
 from .image_processing_tinysaver import normalize_preprocessing
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
+from .storage import write_file_atomic, write_json_atomic
 
 FEATURES_FORMAT_VERSION = 1
 
@@ -84,7 +84,6 @@ class ExitFeatures:
     def save(self, path: str | os.PathLike) -> None:
         """Writes the features atomically (a temporary file renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "format_version": FEATURES_FORMAT_VERSION,
             "saver_logits": self.saver_logits,
@@ -93,14 +92,7 @@ class ExitFeatures:
             "base_logits": self.base_logits,
             "labels": self.labels,
         }
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                torch.save(state, handle)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, lambda handle: torch.save(state, handle))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExitFeatures:
@@ -563,21 +555,6 @@ def search_exit_thresholds(
     return ThresholdSearchResult(
         thresholds=thresholds, allowed_drops=allowed, calibration=result, candidates=len(schedules)
     )
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Writes `data` as indented JSON through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [

@@ -25,9 +25,9 @@ from .esn import (
     exit_records,
     search_exit_thresholds,
     train_exit_sequence,
-    write_json_atomic,
 )
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification
+from .storage import atomic_folder, check_output_folder, write_json_atomic
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -81,7 +81,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--max-drop", type=float, default=0.5, help="Allowed top-1 drop against the base, in percentage points."
     )
     calibration.add_argument("--budget-steps", type=int, default=10, help="Grid of the drop budget split over exits.")
-    calibration.add_argument("--out", default=None, help="Folder to save the calibrated model to.")
+    calibration.add_argument(
+        "--out",
+        default=None,
+        help="Folder to save the calibrated model to (written beside and swapped in when complete; checked before "
+        "training). An existing folder is replaced only when it holds nothing but an earlier ESN, or with --overwrite.",
+    )
+    calibration.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
+    )
     calibration.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the model there.")
     calibration.add_argument("--results-file", default=None, help="Write the results as JSON to this file.")
     calibration.add_argument("--quiet", action="store_true", help="No progress output.")
@@ -104,6 +114,8 @@ def load_split(dataset: str, split: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_folder(args.out, overwrite=args.overwrite, kind="esn", option="--out")
     torch.manual_seed(args.seed)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     exit_stages = [name.strip() for name in args.exit_stages.split(",")] if args.exit_stages else None
@@ -173,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
         {"dataset": str(args.dataset), "split": args.calib_split, "saver": str(args.saver), "base": str(args.base)}
     )
     if args.out:
-        model.save_pretrained(args.out)
+        with atomic_folder(args.out, overwrite=args.overwrite, kind="esn", option="--out") as folder:
+            model.save_pretrained(folder)
         results["out"] = str(args.out)
         say(f"saved to {args.out}")
     if args.push_to_hub:

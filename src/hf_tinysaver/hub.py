@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
@@ -37,12 +37,39 @@ def resolve_token(token: str | None, repo_id: str) -> str:
     return token
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def _folder_files(folder: Path) -> list[tuple[str, Path]]:
+    """The folder's own regular files as `(path in repo, local path)`, decided by name relative to the folder.
+
+    Hidden entries (temporary folders of an interrupted save, `.cache/`, `.git/`) are skipped at every level; links
+    are not followed out of the folder: a link that leads outside is refused rather than uploaded.
+    """
+    root = folder.resolve()
     files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and relative.name not in _SKIPPED_NAMES and not relative.parts[0].startswith("."):
-            files.append(path)
+    for current, directories, names in os.walk(folder, followlinks=False):
+        current = Path(current)
+        directories[:] = sorted(name for name in directories if not name.startswith("."))
+        for name in [*directories, *names]:
+            path = current / name
+            if path.is_symlink() and not _inside(path, root):
+                raise ValueError(
+                    f"{path} is a link to {os.path.realpath(path)}, outside {folder}; push uploads only the folder's "
+                    "own files. Copy the file into the folder (e.g. `cp -L`) instead of linking it."
+                )
+        for name in sorted(names):
+            path = current / name
+            relative = path.relative_to(folder)
+            if name.startswith(".") or (relative.parent == Path(".") and name in _SKIPPED_NAMES):
+                continue
+            if path.is_file():  # a regular file, or a link to one inside the folder
+                files.append((relative.as_posix(), path))
     return files
 
 
@@ -61,21 +88,42 @@ def _load_cascade_config(folder: Path) -> TinySaverConfig:
     return config
 
 
-def _find_plot(folder: Path, config: TinySaverConfig, plot: str | os.PathLike | None) -> Path | None:
+def _recorded_plot(folder: Path, recorded: str) -> Path:
+    """The plot the calibration record names, as a path inside `folder`; refuses paths that lead outside it."""
+    relative = Path(recorded)
+    if (
+        relative.is_absolute()
+        or PureWindowsPath(recorded).is_absolute()
+        or PureWindowsPath(recorded).drive
+        or ".." in relative.parts
+        or ".." in PureWindowsPath(recorded).parts
+        or not _inside(folder / relative, folder.resolve())
+    ):
+        raise ValueError(
+            f"The calibration record in {folder / 'config.json'} names the plot {recorded!r}, a path that leads "
+            "outside the folder; push uploads only the folder's own files. Put the plot in the folder and name it "
+            "there relative to the folder (e.g. 'tradeoff.png'), or pass the file explicitly with `plot=` (`--plot`)."
+        )
+    return folder / relative
+
+
+def _find_plot(folder: Path, config: TinySaverConfig, plot: str | os.PathLike | None) -> tuple[str, Path] | None:
+    """The plot to upload as `(path in repo, local path)`: `plot` if given (as its file name), else the one the
+    calibration record names inside the folder."""
     if plot is not None:
         plot_path = Path(plot)
         if not plot_path.is_file():
             raise FileNotFoundError(f"Plot {plot_path} does not exist; pass the PNG written by the calibration.")
-        return plot_path
+        return plot_path.name, plot_path
     recorded = (config.calibration or {}).get("plot")
     if not isinstance(recorded, str) or not recorded:
         return None
-    for candidate in (folder / os.path.basename(recorded), Path(recorded)):
-        if candidate.is_file():
-            return candidate
+    plot_path = _recorded_plot(folder, recorded)
+    if plot_path.is_file():
+        return plot_path.relative_to(folder).as_posix(), plot_path
     warnings.warn(
-        f"The calibration record names the plot {recorded!r}, but it is neither in {folder} nor at that path; the "
-        "model card will not show it. Pass `plot=` (or `--plot`) to upload it.",
+        f"The calibration record names the plot {recorded!r}, but it is not in {folder}; the model card will not "
+        "show it. Pass `plot=` (or `--plot`) to upload it.",
         UserWarning,
         stacklevel=3,
     )
@@ -118,7 +166,8 @@ def push_cascade(
     Uploads a cascade to the Hub in one commit: weights, config, processor, remote-code files, a generated model card
     (`README.md`) and the calibration's trade-off plot.
 
-    The repo is created when missing. Files of an earlier push that this one does not carry stay in the repo; files
+    What is uploaded is decided from the folder's contents by name, relative to the folder: its regular files (hidden
+    ones skipped), the generated card and the plot. The repo is created when missing. Files of an earlier push that this one does not carry stay in the repo; files
     whose content did not change are not uploaded again. The model card is regenerated from the cascade's config (a
     `README.md` in the folder is not uploaded).
 
@@ -140,8 +189,8 @@ def push_cascade(
         create_pr (`bool`, *optional*, defaults to `False`):
             Open a pull request with the commit instead of committing to the branch.
         plot (`str` or `os.PathLike`, *optional*):
-            The trade-off plot (PNG) to upload beside the card; by default the file named by the calibration
-            record's `plot` entry, looked up in the folder, then as a path.
+            The trade-off plot (PNG) to upload beside the card, under its file name; by default the file named by
+            the calibration record's `plot` entry, a path relative to the folder that must stay inside it.
         card_only (`bool`, *optional*, defaults to `False`):
             Upload only the model card (and the plot), e.g. after editing the calibration record.
         card_data ([`~model_card.TinySaverModelCardData`], *optional*):
@@ -158,6 +207,9 @@ def push_cascade(
     Raises:
         [`HubPushError`]: No token, a token rejected by the Hub, or one without write access to `repo_id`.
         `FileNotFoundError`: The folder has no `config.json`, or `plot` does not exist.
+        `ValueError`: The calibration record names a plot outside the folder (an absolute path, `..`, or a link
+        that leads out), or the folder holds a link to a file outside it. Only the folder's own files, by their
+        names relative to it, are ever uploaded.
 
     Example:
 
@@ -180,27 +232,28 @@ def push_cascade(
             folder = Path(staging)
             folder_or_model.save_pretrained(folder, max_shard_size=max_shard_size)
             config = folder_or_model.config
-        plot_path = _find_plot(folder, config, plot)
+        plot_file = _find_plot(folder, config, plot)
+        plot_in_repo = plot_file[0] if plot_file is not None else None
         if card_data is None:
             card_data = TinySaverModelCardData.from_config(
                 config,
                 model_id=repo_id,
-                plot_file=plot_path.name if plot_path is not None else None,
+                plot_file=plot_in_repo,
                 tags=[*DEFAULT_TAGS, *(tags or [])],
             )
-        elif plot_path is not None and card_data.plot_file is None:
-            card_data.plot_file = plot_path.name
+        elif plot_in_repo is not None and card_data.plot_file is None:
+            card_data.plot_file = plot_in_repo
         card_text = str(generate_model_card(config, card_data=card_data))
 
         operations = [CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_text.encode())]
         if not card_only:
             operations += [
-                CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-                for path in _folder_files(folder)
-                if plot_path is None or path.resolve() != plot_path.resolve()
+                CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
+                for path_in_repo, path in _folder_files(folder)
+                if path_in_repo != plot_in_repo
             ]
-        if plot_path is not None:
-            operations.append(CommitOperationAdd(path_in_repo=plot_path.name, path_or_fileobj=str(plot_path)))
+        if plot_file is not None:
+            operations.append(CommitOperationAdd(path_in_repo=plot_in_repo, path_or_fileobj=str(plot_file[1])))
 
         api = HfApi()
         try:

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +21,7 @@ from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_inde
 from huggingface_hub.utils import yaml_dump
 
 from .configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
+from .storage import write_text_atomic
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card_template.md"
 DEFAULT_TAGS = ("tinysaver", "custom_code", "image-classification", "early-exit")
@@ -516,12 +516,7 @@ def save_model_card(card: ModelCard, path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent, delete=False) as tmp:
-        tmp.write(str(card))
-    os.replace(tmp.name, path)
-    return path
+    return write_text_atomic(path, str(card))
 
 
 def generate_model_card(

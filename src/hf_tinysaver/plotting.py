@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .calibration import CalibrationResult, TradeoffCurve
+from .storage import write_file_atomic
 
 
 def pareto_frontier(relative_macs: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
@@ -95,17 +95,10 @@ def plot_tradeoff(
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
+        path = write_file_atomic(path, lambda file: figure.savefig(file, format="png"))
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return path
 
 

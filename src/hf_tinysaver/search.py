@@ -402,7 +402,7 @@ class SearchResult:
         Returns:
             The JSON and CSV paths.
         """
-        from .workflow import write_json_atomic, write_text_atomic
+        from .storage import write_json_atomic, write_text_atomic
 
         json_path = Path(results_file)
         csv_path = json_path.with_suffix(".csv")
@@ -841,6 +841,7 @@ def save_winning_cascade(
     assets: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ):
     r"""
     Builds the winner's cascade, calibrates it with `max-drop` at the primary drop on the search split (through
@@ -854,6 +855,8 @@ def save_winning_cascade(
             The folder to write.
         batch_size, assets, cache_dir, progress:
             As for [`calibrate_cascade`] (the records are cached from the search, so nothing runs again).
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace `out` even when it holds files hf_tinysaver did not write (see [`save_calibrated_cascade`]).
 
     Returns:
         The calibrated cascade and its [`CalibrationResult`].
@@ -874,6 +877,7 @@ def save_winning_cascade(
     ```
     """
     from .records import distributed_state
+    from .storage import check_output_folder
     from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade
 
     winner = result.winner
@@ -884,6 +888,7 @@ def save_winning_cascade(
         )
     if winner.name not in result.sources or result.base_source is None:
         raise ValueError("This result does not know where its models came from; use a result of search_savers.")
+    check_output_folder(out, overwrite=overwrite, kind="cascade", option="out")
     cascade = build_cascade(
         result.sources[winner.name],
         result.base_source,
@@ -911,7 +916,7 @@ def save_winning_cascade(
         "rejected": [c.name for c in result.candidates if c.status == "rejected"],
     }
     if distributed_state().is_main_process:
-        save_calibrated_cascade(cascade, calibration, simulation, out)
+        save_calibrated_cascade(cascade, calibration, simulation, out, overwrite=overwrite)
     return cascade, calibration
 
 

@@ -62,7 +62,16 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--plot", default=None, help="Trade-off plot PNG (default: the results file with .png).")
     parser.add_argument(
-        "--out", "-o", default=None, help="Save the winner's cascade, calibrated at --max-drop, to this folder."
+        "--out",
+        "-o",
+        default=None,
+        help="Save the winner's cascade, calibrated at --max-drop, to this folder (checked before the search; an "
+        "existing folder is replaced only when it holds nothing but an earlier cascade, or with --overwrite).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
     )
     parser.set_defaults(func=run_search)
 
@@ -70,7 +79,10 @@ def add_parser(subparsers) -> None:
 def run_search(args: argparse.Namespace) -> int:
     from .records import distributed_state
     from .search import save_winning_cascade, search_savers
+    from .storage import check_output_folder
 
+    if args.out is not None:
+        check_output_folder(args.out, overwrite=args.overwrite, kind="cascade", option="--out")
     result = search_savers(
         args.base,
         args.candidates,
@@ -109,6 +121,7 @@ def run_search(args: argparse.Namespace) -> int:
         assets=args.assets,
         cache_dir=args.cache_dir,
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     if is_main:
         print(f"Calibrated {result.winner.name} -> {result.base} (max-drop {args.max_drop}): {calibration.describe()}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
+import io
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from .records import (
     pair_from_records,
     record,
 )
+from .storage import atomic_folder, write_json_atomic, write_text_atomic
 
 OBJECTIVE_PARAMETERS = {
     "paper-no-loss": (),
@@ -42,35 +42,6 @@ OBJECTIVE_PARAMETERS = {
     "budget": ("relative_macs",),
     "agreement": ("max_disagreement", "confidence_level"),
 }
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Writes JSON to a temporary file beside `path`, then renames it over `path` (never a half-written file)."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def resolve_dataset_source(dataset: Any, assets: str | os.PathLike | None = None) -> Any:
@@ -253,10 +224,9 @@ def write_curve_csv(path: str | os.PathLike, simulation: CascadeSimulation) -> P
     lines = [["threshold", "exit_rate", "accuracy", "relative_macs", "agreement"]]
     for row in zip(curve.thresholds, curve.exit_rate, accuracy, curve.relative_macs, curve.agreement, strict=True):
         lines.append([repr(float(v)) for v in row])
-    with tempfile.NamedTemporaryFile("w", newline="", delete=False, dir=Path(path).parent, suffix=".tmp") as file:
-        csv.writer(file).writerows(lines)
-    os.replace(file.name, path)
-    return Path(path)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(lines)
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def save_calibrated_cascade(
@@ -264,42 +234,47 @@ def save_calibrated_cascade(
     result: CalibrationResult,
     simulation: CascadeSimulation,
     out: str | os.PathLike,
+    overwrite: bool = False,
 ) -> Path:
     """Saves a cascade calibrated by [`calibrate_cascade`] with its calibration files, ready to push.
 
     Writes `save_pretrained` files, `calibration.json` (the calibration record of `cascade.config`), `tradeoff.csv`
     (every operating point of the curve) and, on a labelled split, `tradeoff.png` (the curve with the chosen point).
+    Everything is written into a hidden folder beside `out` and swapped in as a whole when complete
+    ([`~storage.atomic_folder`]): an interrupt leaves the complete old folder or the complete new one, and nothing of an
+    old folder (stale shards, `pytorch_model.bin`, ...) stays beside the new files.
 
     Args:
         cascade: The calibrated cascade; `cascade.config.calibration` gains `"plot"` when the plot is written.
         result: The operating point [`calibrate_cascade`] chose.
         simulation: The simulation it was chosen on.
         out: The folder to write (created if needed).
+        overwrite: Replace `out` even when it holds files hf_tinysaver did not write. Without it such a folder is
+            refused ([`~storage.OutputFolderError`]); an earlier cascade folder of this library is replaced.
 
     Returns:
         `out` as a `Path`.
     """
     from .plotting import plot_tradeoff
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     calibration = cascade.config.calibration
     saver_name = str(calibration.get("saver") or "saver")
     base_name = str(calibration.get("base") or "base")
-    if simulation.curve.accuracy is not None:
-        plot_tradeoff(
-            out / "tradeoff.png",
-            {saver_name: simulation.curve},
-            base_accuracy=simulation.base_accuracy,
-            base_name=base_name,
-            operating_points={saver_name: result},
-            title=f"{saver_name} -> {base_name} on {calibration.get('dataset')} {calibration.get('split')}",
-        )
-        calibration["plot"] = "tradeoff.png"
-    cascade.save_pretrained(out)
-    write_curve_csv(out / "tradeoff.csv", simulation)
-    write_json_atomic(out / "calibration.json", calibration)
-    return out
+    with atomic_folder(out, overwrite=overwrite, kind="cascade", option="out") as folder:
+        if simulation.curve.accuracy is not None:
+            plot_tradeoff(
+                folder / "tradeoff.png",
+                {saver_name: simulation.curve},
+                base_accuracy=simulation.base_accuracy,
+                base_name=base_name,
+                operating_points={saver_name: result},
+                title=f"{saver_name} -> {base_name} on {calibration.get('dataset')} {calibration.get('split')}",
+            )
+            calibration["plot"] = "tradeoff.png"
+        cascade.save_pretrained(folder)
+        write_curve_csv(folder / "tradeoff.csv", simulation)
+        write_json_atomic(folder / "calibration.json", calibration)
+    return Path(out)
 
 
 def evaluate_cascade(

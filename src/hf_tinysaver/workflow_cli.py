@@ -69,7 +69,19 @@ def add_parser(subparsers) -> None:
     calibrate_parser.add_argument(
         "--fit-temperature", action="store_true", help="Fit the saver's confidence temperature on the split first."
     )
-    calibrate_parser.add_argument("--out", "-o", required=True, help="Folder to save the calibrated cascade in.")
+    calibrate_parser.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        help="Folder to save the calibrated cascade in. It is written beside and swapped in when complete, so an "
+        "interrupt leaves the old folder or the new one. An existing folder is replaced only when it holds nothing "
+        "but an earlier hf_tinysaver cascade, or with --overwrite. Checked before any recording starts.",
+    )
+    calibrate_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
+    )
     calibrate_parser.set_defaults(func=run_calibrate)
 
     evaluate_parser = subparsers.add_parser(
@@ -130,9 +142,11 @@ def run_record(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from .records import distributed_state
+    from .storage import check_output_folder
     from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade
 
     parameters = _objective_parameters(args)
+    check_output_folder(args.out, overwrite=args.overwrite, kind="cascade", option="--out")
     cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
     result, simulation = calibrate_cascade(
         cascade,
@@ -148,7 +162,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )
     if not distributed_state().is_main_process:
         return 0
-    out = save_calibrated_cascade(cascade, result, simulation, args.out)
+    out = save_calibrated_cascade(cascade, result, simulation, args.out, overwrite=args.overwrite)
     print(f"Calibrated {args.saver} -> {args.base} ({args.objective}): {result.describe()}")
     plot = ", tradeoff.png" if "plot" in cascade.config.calibration else ""
     print(f"Saved the cascade to {out} (calibration.json, tradeoff.csv{plot})")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..storage import atomic_folder, copy_file_atomic
 from .assets import asset_path, cache_root, file_sha256, resolve_assets
 
 _MOBILENET_DIR = "models/imagenet-mobilenet-tflite"
@@ -173,23 +171,16 @@ def _write_zoo_folder(name: str, assets: str | os.PathLike | None, folder: Path)
     from ..image_processing_tinysaver import TinySaverImageProcessor
 
     model = build_zoo_model(name, assets)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+    # Written beside and swapped in whole: readers see no folder or a complete one. A concurrent writer that
+    # finished first wrote the same files, so replacing its folder is harmless.
+    with atomic_folder(folder, overwrite=True, option="zoo cache folder") as staging:
         model.save_pretrained(staging)
         TinySaverImageProcessor(preprocessing=model.config.preprocessing).save_pretrained(staging)
         entry = get_zoo_entry(name)
         if entry.asset is not None:
             license_file = resolve_assets(assets) / Path(entry.asset).parent / "LICENSE"
             if license_file.is_file():
-                shutil.copyfile(license_file, staging / "LICENSE")
-        try:
-            os.replace(staging, folder)  # atomic: readers see no folder or a complete one
-        except OSError:
-            if not (folder / "config.json").is_file():  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+                copy_file_atomic(license_file, staging / "LICENSE")
 
 
 def cached_zoo_folder(name: str, assets: str | os.PathLike | None = None) -> Path:
@@ -242,13 +233,7 @@ def export_zoo_model(name: str, out_dir: str | os.PathLike, assets: str | os.Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for file in sorted(source.iterdir()):
-        # A fresh temporary name (not mkstemp, whose 0600 mode would stick) renamed over the target.
-        temporary = out_dir / f".{file.name}.{uuid.uuid4().hex}.tmp"
-        try:
-            shutil.copyfile(file, temporary)
-            os.replace(temporary, out_dir / file.name)
-        finally:
-            temporary.unlink(missing_ok=True)
+        copy_file_atomic(file, out_dir / file.name)
     return out_dir
 
 
