@@ -72,29 +72,40 @@ def _key_lock(cache_root: Path, key: str, model_name: str):
     """Holds an exclusive lock on one records key, so that runs recording the same key at once take turns.
 
     The second run waits until the first has written the finished records (and removed its chunks), then finds them
-    in the cache. An advisory `fcntl.flock` on `.<key>.lock` (released by the OS when a run dies); where there is
-    none (Windows) or the lock file cannot be created (a read-only cache), runs go unprotected.
+    in the cache. The lock is an advisory `fcntl.flock` on `.<key>.lock`, which the OS releases when a run dies and
+    which the holder removes when done (a waiter that then holds the lock on a removed file tries again). Where there
+    is no `fcntl` (Windows) or the lock file cannot be created (a read-only cache), runs go unprotected.
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(cache_root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as error:
-        logger.debug("Recording without a lock on %s: %s", cache_root, error)
-        yield
-        return
-    try:
+    path = cache_root / f".{key}.lock"
+    while True:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            logger.debug("Recording without a lock in %s: %s", cache_root, error)
+            yield
+            return
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.info("Waiting for another run that records %s on the same data (records key %s).", model_name, key)
             fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            break
+        os.close(descriptor)  # the previous holder removed this file: lock the one that is there now
+    try:
         yield
     finally:
+        path.unlink(missing_ok=True)
         os.close(descriptor)  # releases the lock
 
 
