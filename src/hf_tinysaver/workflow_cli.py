@@ -69,6 +69,11 @@ def add_parser(subparsers) -> None:
     calibrate_parser.add_argument(
         "--fit-temperature", action="store_true", help="Fit the saver's confidence temperature on the split first."
     )
+    calibrate_parser.add_argument(
+        "--allow-no-savings",
+        action="store_true",
+        help="Save the cascade even when the chosen point costs as much as the base alone or more (an error else).",
+    )
     calibrate_parser.add_argument("--out", "-o", required=True, help="Folder to save the calibrated cascade in.")
     calibrate_parser.set_defaults(func=run_calibrate)
 
@@ -144,6 +149,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         assets=args.assets,
         cache_dir=args.cache_dir,
         progress=args.progress,
+        allow_no_savings=args.allow_no_savings,
         **parameters,
     )
     if not distributed_state().is_main_process:
@@ -182,6 +188,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{results['accuracy_drop_points']:.2f} points), exit rate {results['exit_rate']:.4f}, relative MACs "
             f"{results['relative_macs']:.4f}, {results['images_per_second']:.1f} img/s, n={results['n']}"
         )
+        if results["costs_more_than_base"]:
+            print(
+                f"warning: this cascade costs {results['relative_macs']:.4f}x its base alone (exit rate "
+                f"{results['exit_rate']:.4f}, saver share {results['saver_macs'] / results['base_macs']:.4f}): it "
+                "saves nothing on this split; recalibrate it (see `tinysaver calibrate`) or use the base alone."
+            )
         if args.results_file:
             write_json_atomic(args.results_file, results)
     return 0
