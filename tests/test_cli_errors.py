@@ -33,12 +33,19 @@ CASES = {
         ["evaluate", "-m", "no-such-cascade", "-d", "cifar10", "--split", "test"],
         "saved cascade",
     ),
+    "evaluate-unknown-hub-id": (
+        ["evaluate", "-m", "someone/no-such-cascade", "-d", "cifar10", "--split", "test"],
+        "neither a saved cascade folder nor a Hub id",
+    ),
     "search-unknown-base": (
         ["search", "-B", "efficientnet-lite9", "-c", "cifar10-resnet20", "-d", "cifar10", "--split", "test[:8]"]
         + ["--results-file", "{tmp}/search.json"],
         "efficientnet-lite",
     ),
-    "esn-unknown-saver": (["esn-train", "--saver", "tiny-typo", "--base", "cifar10-resnet56", "-d", "cifar10"], "zoo"),
+    "esn-unknown-saver": (
+        ["esn-train", "--saver", "tiny-typo", "--base", "cifar10-resnet56", "--dataset", "cifar10"],
+        "zoo",
+    ),
     "zoo-export-unknown": (["zoo", "export", "resnet20", "{tmp}/export"], "Unknown zoo model"),
     "push-missing-folder": (["push", "{tmp}/never-saved", "someone/cascade"], "never-saved"),
     "demo-missing-assets": (["demo", "--assets", "{tmp}/no-assets", "-o", "{tmp}/demo"], "--assets"),

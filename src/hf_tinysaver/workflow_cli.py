@@ -162,6 +162,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants
     from transformers import AutoModelForImageClassification
 
     from .records import distributed_state
@@ -169,7 +170,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if not (os.path.isdir(args.model) or "/" in args.model):
         raise ValueError(f"--model must be a saved cascade folder or Hub id, got {args.model!r}.")
-    cascade = AutoModelForImageClassification.from_pretrained(args.model)
+    try:
+        cascade = AutoModelForImageClassification.from_pretrained(args.model)
+    except OSError as error:
+        if os.path.isdir(args.model):
+            raise
+        reach = "reachable offline" if constants.HF_HUB_OFFLINE else "that loads"
+        raise ValueError(
+            f"--model {args.model!r} is neither a saved cascade folder nor a Hub id {reach}; pass the folder "
+            "`tinysaver calibrate --out` wrote."
+        ) from error
     if args.threshold is not None:
         cascade.config.threshold = args.threshold
     results = evaluate_cascade(
