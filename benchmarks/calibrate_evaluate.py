@@ -55,7 +55,10 @@ def run(args) -> dict:
     )
     out_root = Path(args.out_dir or tempfile.mkdtemp(prefix="tinysaver-bench-"))
     results = {"task": args.task, **task, "max_drop": args.max_drop, "runs": {}}
-    for mode, extra in (("in_sample", []), ("guarantee", ["--confidence-level", str(args.confidence_level)])):
+    # The guarantee may save nothing on a small calibration half (imagenet-val-1300: threshold 1.0); the table shows
+    # that row, so this benchmark keeps such a point instead of stopping at calibrate's error.
+    guarantee = ["--confidence-level", str(args.confidence_level), "--allow-no-savings"]
+    for mode, extra in (("in_sample", []), ("guarantee", guarantee)):
         cascade_dir = out_root / f"{args.task}-{mode}"
         code = tinysaver(
             ["calibrate", "--saver", task["saver"], "--base", task["base"], "--dataset", task["dataset"],

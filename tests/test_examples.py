@@ -40,7 +40,8 @@ def test_quickstart(tmp_path):
 @requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
 def test_calibrate_cifar10(tmp_path):
     result = run_example(
-        [sys.executable, str(EXAMPLES / "calibrate_cifar10.py"), "--limit", "400", "--confidence-level", "0.9"],
+        # In-sample max-drop: on 400 images the 90 % guarantee saves nothing (threshold 1), which calibrate refuses.
+        [sys.executable, str(EXAMPLES / "calibrate_cifar10.py"), "--limit", "400"],
         cwd=tmp_path,
     )
     for row in ("exit rate", "cascade accuracy (%)", "drop (points)", "relative MACs", "oracle bound"):

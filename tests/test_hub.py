@@ -6,7 +6,6 @@ preupload, the ndjson commit, the LFS batch API with the upload to a separate st
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,7 +26,6 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 from conftest import BLOCK_HF_TINYSAVER
 from hf_tinysaver import TinySaverForImageClassification
 from hf_tinysaver.hub import HubPushError, push_cascade
-from hf_tinysaver.hub_cli import add_parser
 from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
 from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing, tiny_vit_processor
 
@@ -325,10 +323,9 @@ def test_foreign_namespace_and_invalid_token_are_clear_errors(fake_hub, hub_env,
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tinysaver")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from hf_tinysaver.cli import main
+
+    return main(argv)
 
 
 def test_cli_push_and_card_only(fake_hub, hub_env, pushed, capsys, monkeypatch, tmp_path):
@@ -352,8 +349,9 @@ def test_cli_push_and_card_only(fake_hub, hub_env, pushed, capsys, monkeypatch, 
     assert "| Accuracy of the cascade | 60.00 % |" in fake_hub.file_bytes("tester/cli-cascade", "README.md").decode()
 
     monkeypatch.delenv("HF_TOKEN")
-    assert run_cli(["push", folder, "tester/cli-cascade"]) == 1
-    assert "hf auth login" in capsys.readouterr().err
+    assert run_cli(["push", folder, "tester/cli-cascade"]) == 2
+    error = capsys.readouterr().err
+    assert "hf auth login" in error and len(error.strip().splitlines()) == 1
 
 
 def test_fake_hub_rejects_inline_binaries_and_unknown_lfs_objects(fake_hub, hub_env):

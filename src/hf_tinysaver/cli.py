@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that each register one or more subcommands through `add_parser(subparsers)`.
@@ -26,19 +27,71 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinysaver",
         description="TinySaver cascades for Hugging Face image classifiers.",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=_env_flag("TINYSAVER_DEBUG"),
+        help="Show the full traceback of an error instead of one line (also: TINYSAVER_DEBUG=1).",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the input or the environment is wrong", reported in one line without a traceback.
+
+    Bad values (`ValueError`, including [`InfeasibleTargetError`]), missing or unwritable files and folders, a failed
+    push and the Hub's own errors (no such repository, gated, offline, no token). Any other exception is a bug and
+    keeps its traceback.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    from .hub import HubPushError
+
+    return (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        HubPushError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        LocalTokenNotFoundError,
+    )
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (its lines joined), or its type's name when it has none."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return message or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one `tinysaver` command and returns its exit code.
+
+    A user error prints `tinysaver: error: <message>` on one line and returns 2; Ctrl-C prints
+    `tinysaver: interrupted` and returns 130. With `--debug` (or `TINYSAVER_DEBUG=1`) errors propagate with their
+    traceback. Argument errors are argparse's own (usage, then `tinysaver <command>: error: ...`, exit 2).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"tinysaver {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("tinysaver: interrupted", file=sys.stderr)
+        return 130
+    except user_error_types() as error:
+        print(f"tinysaver: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -92,6 +92,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
     )
+    calibration.add_argument(
+        "--allow-no-savings",
+        action="store_true",
+        help="Keep thresholds that cost as much as the base alone or more (an error else).",
+    )
     calibration.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the model there.")
     calibration.add_argument("--results-file", default=None, help="Write the results as JSON to this file.")
     calibration.add_argument("--quiet", action="store_true", help="No progress output.")
@@ -119,9 +124,16 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     exit_stages = [name.strip() for name in args.exit_stages.split(",")] if args.exit_stages else None
+    from .modeling_tinysaver import find_preprocessing
+    from .workflow import load_model
+
+    # Loaded here so that a name that is no zoo name, folder or Hub id gets the library's one-line error.
+    saver, base = load_model(args.saver), load_model(args.base)
     model = TinySaverESNForImageClassification.from_saver_and_base(
-        args.saver,
-        args.base,
+        saver,
+        base,
+        saver_preprocessing=find_preprocessing(saver, args.saver, role="saver"),
+        base_preprocessing=find_preprocessing(base, args.base, role="base"),
         esn_width=args.width,
         esn_layers=args.layers,
         esn_num_heads=args.heads,
@@ -158,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_epoch_end=lambda epoch, loss: say(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f}"),
     )
-    results = calibrate_and_evaluate(model, calib_features, eval_features, args.max_drop, args.budget_steps)
+    results = calibrate_and_evaluate(
+        model, calib_features, eval_features, args.max_drop, args.budget_steps, args.allow_no_savings
+    )
     results.update(
         {
             "saver": str(args.saver),
@@ -199,7 +213,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def calibrate_and_evaluate(
-    model: TinySaverESNForImageClassification, calib_features, eval_features, max_drop: float, budget_steps: int = 10
+    model: TinySaverESNForImageClassification,
+    calib_features,
+    eval_features,
+    max_drop: float,
+    budget_steps: int = 10,
+    allow_no_savings: bool = False,
 ) -> dict[str, Any]:
     """Sets the model's thresholds from the calibration features and measures ESN and plain TinySaver.
 
@@ -209,6 +228,8 @@ def calibrate_and_evaluate(
         eval_features: Held-out features, or `None`.
         max_drop: Allowed accuracy drop (percentage points).
         budget_steps: Resolution of the drop budget split between exits.
+        allow_no_savings: Keep thresholds whose ESN cascade costs as much as the base alone or more; without it
+            they raise `InfeasibleTargetError` (and the model is left unchanged).
 
     Returns:
         A dict with the thresholds and, for `esn` and the plain `tinysaver` cascade (same saver, same objective),
@@ -219,9 +240,19 @@ def calibrate_and_evaluate(
     calib_records = exit_records(model, calib_features)
     esn_search = search_exit_thresholds(calib_records, config.exit_macs, config.base_macs, max_drop, budget_steps)
     plain_search = search_exit_thresholds(calib_records.saver_only(), plain_macs, config.base_macs, max_drop)
+    calibrated = esn_search.calibration
+    if calibrated["relative_macs"] >= 1.0 and not allow_no_savings:
+        from .calibration import InfeasibleTargetError
+
+        raise InfeasibleTargetError(
+            f"The best ESN thresholds for a {max_drop}-point drop on these {calibrated['num_images']} calibration "
+            f"images cost {calibrated['relative_macs']:.4f}x the base alone (exit rates {calibrated['exit_rates']}) "
+            "and save nothing: no exit is accurate enough where it is confident. What would help: a larger "
+            "--max-drop, more training epochs or calibration images, a more accurate saver; or pass "
+            "--allow-no-savings (allow_no_savings=True) to keep these thresholds anyway."
+        )
     config.threshold = esn_search.thresholds[0]
     config.exit_thresholds = esn_search.thresholds[1:]
-    calibrated = esn_search.calibration
     # The keys the plain cascade's calibration record uses (read by the model card), plus the ESN's own.
     config.calibration = {
         "objective": "max-drop",

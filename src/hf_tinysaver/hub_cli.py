@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .hub import HubPushError, push_cascade
+from .hub import push_cascade
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,20 +33,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_push(args: argparse.Namespace) -> int:
-    try:
-        commit = push_cascade(
-            args.directory,
-            args.repo_id,
-            token=args.token,
-            private=args.private,
-            commit_message=args.commit_message,
-            create_pr=args.create_pr,
-            plot=args.plot,
-            card_only=args.card_only,
-        )
-    except HubPushError as error:
-        print(f"tinysaver push: error: {error}", file=sys.stderr)
-        return 1
+    # A `HubPushError` reaches `tinysaver`'s main, which prints it as one line and exits with 2.
+    commit = push_cascade(
+        args.directory,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+        plot=args.plot,
+        card_only=args.card_only,
+    )
     print(commit.pr_url or commit.commit_url)
     return 0
 

@@ -13,6 +13,7 @@ row for row. Every process gets the full records back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,6 +49,48 @@ def default_cache_dir() -> Path:
 
 def _sha256_of_array(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+@contextlib.contextmanager
+def _key_lock(cache_root: Path, key: str, model_name: str):
+    """Holds an exclusive lock on one records key, so that runs recording the same key at once take turns.
+
+    The second run waits until the first has written the finished records (and removed its chunks), then finds them
+    in the cache. The lock is an advisory `fcntl.flock` on `.<key>.lock`, which the OS releases when a run dies and
+    which the holder removes when done (a waiter that then holds the lock on a removed file tries again). Where there
+    is no `fcntl` (Windows) or the lock file cannot be created (a read-only cache), runs go unprotected.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = cache_root / f".{key}.lock"
+    while True:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            logger.debug("Recording without a lock in %s: %s", cache_root, error)
+            yield
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("Waiting for another run that records %s on the same data (records key %s).", model_name, key)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            break
+        os.close(descriptor)  # the previous holder removed this file: lock the one that is there now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)  # releases the lock
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -144,14 +187,33 @@ class Records:
         _save_arrays(Path(path), arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Records:
-        """Reads records written by [`Records.save`]; raises `ValueError` when the file is damaged."""
+    def load(cls, path: str | os.PathLike, expected: dict[str, Any] | None = None) -> Records:
+        """Reads records written by [`Records.save`].
+
+        Args:
+            path: The `.npz` file.
+            expected: Metadata the file must hold, e.g. `{"cache_key": ..., "model_hash": ..., "n": ...}` (any of
+                `metadata()`'s keys); checked before the records are used.
+
+        Raises:
+            ValueError: When the file is damaged, of another format, or its metadata differs from `expected` (e.g.
+                another key's records copied over it).
+        """
         arrays = _load_arrays(Path(path))
         metadata = json.loads(str(arrays["metadata"]))
         if metadata.pop("format_version", None) != RECORDS_FORMAT_VERSION:
             raise ValueError(f"{path} was written by another records format; delete it to record again.")
-        metadata.pop("n", None)
-        return cls(logits=arrays["logits"], predictions=arrays["predictions"], labels=arrays.get("labels"), **metadata)
+        stored_n = metadata.pop("n", None)
+        for name, value in (expected or {}).items():
+            stored = stored_n if name == "n" else metadata.get(name)
+            if stored != value:
+                raise ValueError(f"{path} holds records of another {name} ({stored!r}, expected {value!r}).")
+        records = cls(
+            logits=arrays["logits"], predictions=arrays["predictions"], labels=arrays.get("labels"), **metadata
+        )
+        if stored_n != records.n:
+            raise ValueError(f"{path} says it holds {stored_n} rows but holds {records.n}.")
+        return records
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -376,9 +438,6 @@ def record(
     ((10, 10), [0, 1, 2])
     ```
     """
-    from accelerate.utils import broadcast_object_list, gather_object
-    from tqdm.auto import tqdm
-
     if batch_size < 1 or chunk_batches < 1:
         raise ValueError(f"batch_size and chunk_batches must be positive, got {batch_size} and {chunk_batches}.")
     state = distributed_state()
@@ -398,7 +457,7 @@ def record(
 
     # The key and the cache state are decided on the main process and broadcast, so all processes agree.
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cached_records, key, pending = None, None, None
+    key = None
     if state.is_main_process:
         model_hash = model_fingerprint(model)
         key_fields = {
@@ -411,13 +470,73 @@ def record(
             "label_column": label_column,
         }
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:40]
-        if use_cache and (cache_root / f"{key}.npz").exists():
-            try:
-                cached_records = Records.load(cache_root / f"{key}.npz")
-            except ValueError as error:
-                logger.warning("Recording again: the cached records are damaged (%s).", error)
     else:
         model_hash = None
+    # Runs recording the same key at once take turns: the later one waits here, then finds the finished records.
+    locked = state.is_main_process and use_cache
+    with _key_lock(cache_root, key, str(model_name)) if locked else contextlib.nullcontext():
+        return _record_key(
+            model,
+            processor,
+            data,
+            split,
+            fingerprint,
+            description,
+            image_column,
+            label_column,
+            str(model_name),
+            model_hash,
+            key,
+            state,
+            cache_root,
+            use_cache,
+            batch_size,
+            chunk_batches,
+            num_workers,
+            device,
+            progress,
+        )
+
+
+def _record_key(
+    model,
+    processor,
+    data,
+    split,
+    fingerprint,
+    description,
+    image_column,
+    label_column,
+    model_name,
+    model_hash,
+    key,
+    state,
+    cache_root,
+    use_cache,
+    batch_size,
+    chunk_batches,
+    num_workers,
+    device,
+    progress,
+) -> Records:
+    """The rest of [`record`], with the key chosen (and, on the main process, locked)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+    from tqdm.auto import tqdm
+
+    cached_records, pending = None, None
+    if state.is_main_process and use_cache and (cache_root / f"{key}.npz").exists():
+        expected = {
+            "cache_key": key,
+            "model_hash": model_hash,
+            "dataset_fingerprint": fingerprint,
+            "split": split,
+            "preprocessing": json.loads(json.dumps(description, default=str)),
+            "n": len(data),
+        }
+        try:
+            cached_records = Records.load(cache_root / f"{key}.npz", expected=expected)
+        except ValueError as error:
+            logger.warning("Recording again: the cached records are damaged or not this key's (%s).", error)
     key, model_hash, hit = broadcast_object_list([key, model_hash, cached_records is not None])
     if hit:
         return broadcast_object_list([cached_records])[0]
@@ -434,7 +553,10 @@ def record(
         return partial_dir / f"rows-{first_row:010d}-{end_row:010d}.npz"
 
     def load_chunk(chunk: tuple[int, int]) -> np.ndarray:
-        logits = _load_arrays(chunk_path(chunk))["logits"]
+        arrays = _load_arrays(chunk_path(chunk))
+        if str(arrays.get("key", "")) != key:
+            raise ValueError(f"{chunk_path(chunk)} was not recorded for key {key}.")
+        logits = arrays["logits"]
         rows = chunk_rows(chunk)[1] - chunk_rows(chunk)[0]
         if logits.dtype != np.float32 or logits.ndim != 2 or len(logits) != rows:
             raise ValueError(f"{chunk_path(chunk)} holds {logits.shape} {logits.dtype}, expected {rows} rows.")
@@ -495,7 +617,7 @@ def record(
                 by_batch = {index: logits for part in gathered for index, logits in part.items()}
                 chunk_logits = np.concatenate([by_batch[index] for index in range(chunk[0], chunk[1])])
                 if use_cache:
-                    _save_arrays(chunk_path(chunk), {"logits": chunk_logits})
+                    _save_arrays(chunk_path(chunk), {"logits": chunk_logits, "key": np.array(key)})
                 computed[chunk] = chunk_logits
                 progress_bar.update(len(chunk_logits))
 

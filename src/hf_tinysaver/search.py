@@ -686,7 +686,14 @@ def _load_config(source: Any, assets: str | os.PathLike | None):
         return load_classifier(source).config
     if str(source) in ZOO and not os.path.exists(source):
         return AutoConfig.from_pretrained(cached_zoo_folder(str(source), assets))
-    return AutoConfig.from_pretrained(str(source))
+    if os.path.isdir(source):
+        return AutoConfig.from_pretrained(str(source))
+    try:
+        return AutoConfig.from_pretrained(str(source))
+    except OSError as error:
+        from .workflow import unknown_model_error
+
+        raise unknown_model_error(source, error) from error
 
 
 def _record_model(source, role, model, data_source, split, batch_size, cache_dir, progress, name) -> Records:

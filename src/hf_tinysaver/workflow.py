@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import logging
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import CalibrationResult, CascadeSimulation
+from .calibration import CalibrationResult, CascadeSimulation, InfeasibleTargetError
 from .configuration_tinysaver import TINYSAVER_VERSION
 from .image_processing_tinysaver import TinySaverImageProcessor
 from .modeling_tinysaver import TinySaverForImageClassification
@@ -34,6 +35,11 @@ from .records import (
     record,
 )
 from .storage import atomic_folder, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+# Below this many calibration samples, `calibrate_cascade` warns that the threshold is unreliable.
+FEW_CALIBRATION_SAMPLES = 100
 
 OBJECTIVE_PARAMETERS = {
     "paper-no-loss": (),
@@ -75,13 +81,48 @@ def dataset_name(dataset: Any) -> str:
     return (getattr(info, "dataset_name", None) if info else None) or type(dataset).__name__
 
 
+def unknown_model_error(name: str | os.PathLike, cause: BaseException | None = None) -> ValueError:
+    """The error for a model name that is no zoo name, no local folder and no loadable Hub id.
+
+    One line that names the three kinds of source, suggests the closest zoo name and lists them all.
+    """
+    import difflib
+
+    from huggingface_hub import constants
+
+    from .zoo import ZOO
+
+    name = str(name)
+    closest = difflib.get_close_matches(name, list(ZOO), n=1, cutoff=0.6)
+    hint = f" Did you mean {closest[0]!r}?" if closest else ""
+    hub = "a Hub id reachable offline (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "a loadable Hub id"
+    reason = ""
+    if cause is not None and not constants.HF_HUB_OFFLINE:  # offline, the cause only says "cannot connect"
+        reason = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+        reason = f" ({type(cause).__name__}: {reason})" if reason else f" ({type(cause).__name__})"
+    return ValueError(
+        f"Model {name!r} is neither a zoo name, nor a local model folder, nor {hub}{reason}.{hint} Zoo names: "
+        f"{', '.join(ZOO)}."
+    )
+
+
 def load_model(model: Any, assets: str | os.PathLike | None = None):
-    """Loads a classifier from a zoo name, a local folder or a Hub id (instances pass through)."""
+    """Loads a classifier from a zoo name, a local folder or a Hub id (instances pass through).
+
+    Raises:
+        ValueError: When a name is neither a zoo name, nor a local folder, nor a Hub id that loads (see
+            [`unknown_model_error`]).
+    """
     from .modeling_tinysaver import load_classifier
     from .zoo import ZOO, load_zoo_model
 
     if isinstance(model, str) and model in ZOO and not os.path.exists(model):
         return load_zoo_model(model, assets=assets)
+    if isinstance(model, (str, os.PathLike)) and not os.path.isdir(model):
+        try:
+            return load_classifier(model)
+        except OSError as error:  # transformers' "not found / cannot connect" and huggingface_hub's errors
+            raise unknown_model_error(model, error) from error
     return load_classifier(model)
 
 
@@ -153,6 +194,7 @@ def calibrate_cascade(
     assets: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_no_savings: bool = False,
     **objective_parameters,
 ) -> tuple[CalibrationResult, CascadeSimulation]:
     r"""
@@ -170,11 +212,19 @@ def calibrate_cascade(
             `"paper-no-loss"`, `"max-drop"`, `"exit-rate"`, `"budget"` or `"agreement"`.
         fit_temperature (`bool`, *optional*, defaults to `False`):
             Fit the saver's confidence temperature on this split first (needs labels).
+        allow_no_savings (`bool`, *optional*, defaults to `False`):
+            Accept an operating point that costs as much as the base alone or more (relative MACs >= 1), e.g. the
+            threshold 1.0 ("nothing exits") that a guarantee falls back to on too few samples. Without it such a
+            point raises [`InfeasibleTargetError`].
         objective_parameters:
             `max_drop` (points), `exit_rate`, `relative_macs`, `max_disagreement`, `confidence_level`.
 
     Returns:
         The calibrated operating point and the simulation it was chosen on.
+
+    Raises:
+        InfeasibleTargetError: When the chosen point saves nothing (relative MACs >= 1) and `allow_no_savings` is
+            not set; the message says why and what would help. The cascade's config is left unchanged.
 
     Example:
 
@@ -200,7 +250,16 @@ def calibrate_cascade(
             raise ValueError("Fitting the temperature needs labels; the split has none.")
         cascade.config.confidence_temperature = float(fit(saver_records.logits, saver_records.labels))
     simulation = simulation_for(cascade, saver_records, base_records)
+    if simulation.n < FEW_CALIBRATION_SAMPLES:
+        logger.warning(
+            "Calibrating on only %d samples: the threshold is unreliable (its accuracy and exit rate on new data can "
+            "differ by several points); calibrate on at least %d, ideally thousands.",
+            simulation.n,
+            FEW_CALIBRATION_SAMPLES,
+        )
     result = simulation.calibrate(objective, **objective_parameters)
+    if result.relative_macs >= 1.0 and not allow_no_savings:
+        raise InfeasibleTargetError(_no_savings_message(simulation, result, objective_parameters))
     cascade.config.threshold = float(result.threshold)
     cascade.config.calibration = {
         **result.to_dict(),
@@ -215,6 +274,88 @@ def calibrate_cascade(
         "hf_tinysaver_version": TINYSAVER_VERSION,
     }
     return result, simulation
+
+
+def _images_for_savings(simulation: CascadeSimulation, max_drop: float, confidence_level: float) -> int | None:
+    """About how many calibration images the max-drop guarantee needs before a saving point passes its bounds.
+
+    Scales this curve's counts (exits, harms, gains) to `k` times as many samples, as if the observed rates held,
+    and returns the smallest tried `k * n` at which a point with exit rate above the saver's share is admissible
+    (None when even 64 times as many are not enough).
+    """
+    from .calibration import (
+        GUARANTEE_CREDITS,
+        _largest_count_with_upper_at_most,
+        _smallest_count_with_lower_at_least,
+    )
+
+    curve = simulation.curve
+    saving = curve.exited > simulation.relative_saver_macs * simulation.n
+    if not saving.any():
+        return None
+    tests = 2 * len(GUARANTEE_CREDITS) - 1
+    level = 1.0 - (1.0 - confidence_level) / tests
+    credits = np.asarray(GUARANTEE_CREDITS)
+    for factor in (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+        trials = int(math.ceil(factor * simulation.n))
+        scale = trials / simulation.n
+        harms, gains = np.round(curve.harms[saving] * scale), np.round(curve.gains[saving] * scale)
+        max_harms = _largest_count_with_upper_at_most(max_drop / 100.0 + credits, trials, level)
+        min_gains = _smallest_count_with_lower_at_least(credits, trials, level)
+        if any(np.any((harms <= h) & (gains >= g)) for h, g in zip(max_harms, min_gains, strict=True)):
+            return trials
+    return None
+
+
+def _no_savings_message(simulation: CascadeSimulation, result: CalibrationResult, parameters: dict) -> str:
+    """Why the chosen point costs as much as the base or more, and what would help (one line)."""
+    share = result.relative_saver_macs
+    point = (
+        f"The {result.objective} objective chose threshold {result.threshold:.6g} on these {result.n} samples: exit "
+        f"rate {result.exit_rate:.4f}, so the cascade costs {result.relative_macs:.4f}x the base alone (saver "
+        f"{share:.4f} + base on {100 * (1 - result.exit_rate):.1f} % of the samples) and saves nothing."
+    )
+    helps = []
+    if share >= 1.0:
+        why = f"The saver alone costs {share:.4f}x the base, so no threshold can save anything."
+        helps.append("pick a saver with fewer MACs than the base")
+    elif result.objective == "max-drop" and parameters.get("confidence_level") is not None:
+        level, max_drop = parameters["confidence_level"], parameters["max_drop"]
+        why = (
+            f"With {result.n} samples the Clopper-Pearson bound at confidence {level} is too wide for any threshold "
+            f"that lets more than {100 * share:.1f} % of the samples exit (what pays for the saver) to keep the drop "
+            f"within {max_drop} points."
+        )
+        needed = _images_for_savings(simulation, max_drop, level)
+        more = f" (about {needed} if the observed rates hold)" if needed is not None else ""
+        helps += [
+            f"calibrate on more images{more}",
+            "a lower confidence_level (--confidence-level)",
+            "a larger max_drop (--max-drop)",
+        ]
+    elif result.objective in ("max-drop", "paper-no-loss", "agreement"):
+        why = (
+            f"Every threshold that lets more than {100 * share:.1f} % of the samples exit (what pays for the saver) "
+            "misses the target: the saver is wrong too often where it is confident."
+        )
+        helps += [
+            "a larger max_drop (--max-drop)"
+            if result.objective != "agreement"
+            else "a larger max_disagreement (--max-disagreement)",
+            "calibrate on more images",
+            "a more accurate saver",
+        ]
+        if parameters.get("confidence_level") is not None:
+            helps.insert(1, "a lower confidence_level (--confidence-level)")
+    else:
+        why = f"The {result.objective} target itself leaves at most {100 * share:.1f} % of the samples exiting."
+        helps.append(
+            "a higher exit_rate (--exit-rate)" if result.objective == "exit-rate" else "a lower budget (--budget)"
+        )
+    return (
+        f"{point} {why} What would help: {', '.join(helps)}; or pass allow_no_savings=True (--allow-no-savings) "
+        "to keep this point anyway."
+    )
 
 
 def write_curve_csv(path: str | os.PathLike, simulation: CascadeSimulation) -> Path:
@@ -296,7 +437,7 @@ def evaluate_cascade(
 
     Returns:
         A dict with `accuracy`, `base_accuracy`, `exit_rate`, `agreement`, `relative_macs` (MACs actually spent / base
-        MACs), `images_per_second` (cascade forward passes), `n`, `threshold` and the simulated figures.
+        MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split), `images_per_second` (cascade forward passes), `n`, `threshold` and the simulated figures.
     """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -355,6 +496,7 @@ def evaluate_cascade(
         "exit_rate": scores["exit_rate"],
         "agreement": scores["agreement"],
         "relative_macs": relative_saver_macs + 1 - scores["exit_rate"],
+        "costs_more_than_base": bool(relative_saver_macs + 1 - scores["exit_rate"] >= 1.0),
         "images_per_second": len(data) / slowest_process_seconds if slowest_process_seconds > 0 else math.inf,
         "n": scores["n"],
         "threshold": config.threshold,
@@ -394,6 +536,7 @@ __all__ = [
     "resolve_dataset_source",
     "save_calibrated_cascade",
     "simulation_for",
+    "unknown_model_error",
     "write_curve_csv",
     "write_json_atomic",
     "write_text_atomic",

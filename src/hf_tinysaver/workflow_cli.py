@@ -82,6 +82,11 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
     )
+    calibrate_parser.add_argument(
+        "--allow-no-savings",
+        action="store_true",
+        help="Save the cascade even when the chosen point costs as much as the base alone or more (an error else).",
+    )
     calibrate_parser.set_defaults(func=run_calibrate)
 
     evaluate_parser = subparsers.add_parser(
@@ -158,6 +163,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         assets=args.assets,
         cache_dir=args.cache_dir,
         progress=args.progress,
+        allow_no_savings=args.allow_no_savings,
         **parameters,
     )
     if not distributed_state().is_main_process:
@@ -170,6 +176,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants
     from transformers import AutoModelForImageClassification
 
     from .records import distributed_state
@@ -177,7 +184,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if not (os.path.isdir(args.model) or "/" in args.model):
         raise ValueError(f"--model must be a saved cascade folder or Hub id, got {args.model!r}.")
-    cascade = AutoModelForImageClassification.from_pretrained(args.model)
+    try:
+        cascade = AutoModelForImageClassification.from_pretrained(args.model)
+    except OSError as error:
+        if os.path.isdir(args.model):
+            raise
+        reach = "reachable offline" if constants.HF_HUB_OFFLINE else "that loads"
+        raise ValueError(
+            f"--model {args.model!r} is neither a saved cascade folder nor a Hub id {reach}; pass the folder "
+            "`tinysaver calibrate --out` wrote."
+        ) from error
     if args.threshold is not None:
         cascade.config.threshold = args.threshold
     results = evaluate_cascade(
@@ -196,6 +212,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{results['accuracy_drop_points']:.2f} points), exit rate {results['exit_rate']:.4f}, relative MACs "
             f"{results['relative_macs']:.4f}, {results['images_per_second']:.1f} img/s, n={results['n']}"
         )
+        if results["costs_more_than_base"]:
+            print(
+                f"warning: this cascade costs {results['relative_macs']:.4f}x its base alone (exit rate "
+                f"{results['exit_rate']:.4f}, saver share {results['saver_macs'] / results['base_macs']:.4f}): it "
+                "saves nothing on this split; recalibrate it (see `tinysaver calibrate`) or use the base alone."
+            )
         if args.results_file:
             write_json_atomic(args.results_file, results)
     return 0
