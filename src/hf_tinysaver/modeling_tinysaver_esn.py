@@ -23,7 +23,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
-from .configuration_tinysaver_esn import TinySaverESNConfig
+from .configuration_tinysaver import validate_threshold
+from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
 from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models
 
 SUPPORTED_BASES = (
@@ -726,8 +727,11 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         """
         self.check_inputs(pixel_values, base_pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        threshold = self.config.threshold if threshold is None else float(threshold)
-        exit_thresholds = list(self.config.exit_thresholds if exit_thresholds is None else exit_thresholds)
+        threshold = self.config.threshold if threshold is None else validate_threshold(threshold)
+        # Validated here too: the config's list can be changed in place.
+        exit_thresholds = validate_exit_thresholds(
+            self.config.exit_thresholds if exit_thresholds is None else exit_thresholds
+        )
         if len(exit_thresholds) != self.esn.num_exits:
             raise ValueError(f"Expected {self.esn.num_exits} exit_thresholds, got {len(exit_thresholds)}.")
         if output_all_exits is None:
