@@ -297,7 +297,7 @@ class UnreadableImageError(ValueError):
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
-    return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def prepare_images(
