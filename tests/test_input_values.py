@@ -398,3 +398,26 @@ def test_record_feeds_a_model_in_its_own_dtype(tiny_dataset):
     doubled = record(model.double(), processor, str(tiny_dataset), split="train", use_cache=False, progress=False)
     np.testing.assert_allclose(doubled.logits, reference.logits, rtol=1e-4, atol=1e-5)
     assert math.isfinite(float(doubled.logits.sum()))
+
+
+def test_an_esn_cascade_with_parts_in_different_dtypes_is_refused_before_any_image_runs():
+    from hf_tinysaver import TinySaverESNForImageClassification
+
+    saver, base = (
+        cifar_resnet(0),
+        CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[4, 8, 8], id2label=dict(LABELS))).eval(),
+    )
+    model = TinySaverESNForImageClassification.from_saver_and_base(
+        saver, base, esn_width=8, esn_num_heads=2, saver_preprocessing=CIFAR_32, base_preprocessing=CIFAR_32
+    ).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(pixel_values=pixels).logits.shape == (2, 10)
+        model.base.to(torch.float64)
+        message = r"one dtype on one device, but found saver torch.float32 on cpu, base torch.float64 on cpu"
+        with pytest.raises(ValueError, match=message):
+            model(pixel_values=pixels)
+        with pytest.raises(ValueError, match=message):
+            model.compute_exit_features(pixel_values=pixels)
+        model.to(torch.float64)
+        assert model(pixel_values=pixels.double()).logits.dtype == torch.float64
