@@ -421,3 +421,16 @@ def test_an_esn_cascade_with_parts_in_different_dtypes_is_refused_before_any_ima
             model.compute_exit_features(pixel_values=pixels)
         model.to(torch.float64)
         assert model(pixel_values=pixels.double()).logits.dtype == torch.float64
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from hf_tinysaver import configuration_tinysaver, image_processing_tinysaver
+
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    for function in (configuration_tinysaver.validate_threshold, image_processing_tinysaver.pixels_to_uint8):
+        text = function.__doc__.replace("```python", "").replace("```", "")
+        runner.run(parser.get_doctest(text, {}, function.__name__, None, 0))
+    assert runner.summarize(verbose=False).failed == 0

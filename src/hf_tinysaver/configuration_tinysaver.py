@@ -57,6 +57,19 @@ def validate_threshold(value: Any, name: str = "threshold") -> float:
 
     Returns:
         The threshold as a Python float.
+
+    Example:
+
+    ```python
+    >>> from hf_tinysaver.configuration_tinysaver import validate_threshold
+
+    >>> validate_threshold(0.9)
+    0.9
+    >>> validate_threshold(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: threshold must be a finite number in [-1, 1] (an image exits when its confidence, in [0, 1], is greater: 1 sends every image to the base), got nan.
+    ```
     """
     low, high = THRESHOLD_RANGE
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:

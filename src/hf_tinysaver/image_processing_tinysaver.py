@@ -238,6 +238,18 @@ def pixels_to_uint8(pixels: np.ndarray) -> np.ndarray:
 
     Returns:
         A `uint8` array of the same shape.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_tinysaver.image_processing_tinysaver import pixels_to_uint8
+
+    >>> pixels_to_uint8(np.array([0, 128 * 257, 65535], dtype=np.uint16)).tolist()
+    [0, 128, 255]
+    >>> pixels_to_uint8(np.array([0.0, 0.5, 1.0])).tolist()
+    [0, 128, 255]
+    ```
     """
     if pixels.dtype == np.uint8:
         return pixels
