@@ -291,6 +291,10 @@ def distributed_state():
     return state
 
 
+# What PIL (and the processor, for pixels it refuses) raise on a broken or unusable image.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
 class UnreadableImageError(ValueError):
     """An image of a dataset row cannot be decoded or prepared; the message names the split, row and column."""
 
@@ -324,11 +328,11 @@ def prepare_images(
     """
     try:
         return processor(images=list(dataset[start:stop][image_column]), return_tensors="pt")
-    except Exception as batch_error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+    except IMAGE_ERRORS as batch_error:
         for row in range(start, stop):
             try:
                 processor(images=[dataset[row][image_column]], return_tensors="pt")
-            except Exception as error:
+            except IMAGE_ERRORS as error:
                 place = f"split {split!r}" if split else "the dataset"
                 raise UnreadableImageError(
                     f"Cannot read the image in row {row} of {place} (column {image_column!r}): {_one_line(error)}. "
@@ -567,25 +571,31 @@ def record(
                 computed[chunk] = chunk_logits
                 progress_bar.update(len(chunk_logits))
 
-    records = None
+    records, refusal = None, None
     if state.is_main_process:
         logits = np.concatenate([computed[c] if c in computed else load_chunk(c) for c in chunks])
         labels = np.asarray(data[label_column], dtype=np.int64) if label_column is not None else None
-        records = Records(
-            logits=logits,
-            predictions=logits.argmax(axis=-1),
-            labels=labels,
-            model_name=str(model_name),
-            model_hash=model_hash,
-            dataset_fingerprint=fingerprint,
-            split=split,
-            preprocessing=json.loads(json.dumps(description, default=str)) if description is not None else {},
-            cache_key=key if use_cache else None,
-        )
-        if use_cache:
+        try:
+            records = Records(
+                logits=logits,
+                predictions=logits.argmax(axis=-1),
+                labels=labels,
+                model_name=str(model_name),
+                model_hash=model_hash,
+                dataset_fingerprint=fingerprint,
+                split=split,
+                preprocessing=json.loads(json.dumps(description, default=str)) if description is not None else {},
+                cache_key=key if use_cache else None,
+            )
+        except ValueError as error:  # e.g. NaN logits: every process raises it, none waits for the records
+            refusal = str(error)
+        if use_cache and records is not None:
             records.save(cache_root / f"{key}.npz")
             shutil.rmtree(partial_dir, ignore_errors=True)
-    return broadcast_object_list([records])[0]
+    records, refusal = broadcast_object_list([records, refusal])
+    if refusal is not None:
+        raise ValueError(refusal)
+    return records
 
 
 def pair_from_records(
