@@ -60,7 +60,7 @@ def test_timm_pair_matches_standalone_models_on_their_own_preprocessing(timm_pai
     assert set(inputs) == {"pixel_values", "base_pixel_values"}  # bicubic/ImageNet stats vs bilinear/0.5
 
     with torch.no_grad():
-        all_base = cascade(**inputs, threshold=float("inf"))
+        all_base = cascade(**inputs, threshold=1.0)
         all_saver = cascade(**inputs, threshold=-1.0)
     torch.testing.assert_close(all_base.logits, standalone_timm_logits(base, images), atol=1e-4, rtol=0)
     torch.testing.assert_close(all_saver.logits, standalone_timm_logits(saver, images), atol=1e-4, rtol=0)
@@ -73,7 +73,7 @@ def test_timm_saver_transformers_base_matches_standalone(mixed_pair, images):
     assert inputs["pixel_values"].shape[-1] == 160 and inputs["base_pixel_values"].shape[-1] == 32
 
     with torch.no_grad():
-        all_base = cascade(**inputs, threshold=2.0)
+        all_base = cascade(**inputs, threshold=1.0)
         all_saver = cascade(**inputs, threshold=-1.0)
     torch.testing.assert_close(all_base.logits, standalone_vit_logits(base, images), atol=1e-4, rtol=0)
     torch.testing.assert_close(all_saver.logits, standalone_timm_logits(saver, images), atol=1e-4, rtol=0)

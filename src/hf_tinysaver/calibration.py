@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .confidence import compute_confidence
+from .configuration_tinysaver import validate_label_mapping, validate_threshold
 
 OBJECTIVES = ("paper-no-loss", "max-drop", "exit-rate", "budget", "agreement")
 
@@ -106,6 +108,83 @@ def _smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_lev
         admitted = clopper_pearson_lower(np.clip(middle, 0, trials), trials, confidence_level) >= bounds
         low, high = np.where(active & ~admitted, middle, low), np.where(active & admitted, middle, high)
     return high
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    meaning: str = "",
+) -> float:
+    """Returns `value` as a float when it is a finite real number within the bounds, else raises a `ValueError`.
+
+    Args:
+        name: The parameter's name in the message (e.g. `"max_drop"`).
+        value: The value to check; booleans, strings, NaN and infinities are refused.
+        low: Lower bound, or None.
+        high: Upper bound, or None.
+        low_open: Whether `low` itself is excluded.
+        high_open: Whether `high` itself is excluded.
+        meaning: What the parameter is, for the message (e.g. `"a fraction of samples"`).
+
+    Returns:
+        The value as a Python float.
+    """
+    if low is not None and high is not None:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        wanted = "a finite number"
+    description = f"{name} must be {wanted}" + (f" ({meaning})" if meaning else "")
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{description}, got {value!r} of type {type(value).__name__}.")
+    number = float(value)
+    if (
+        not math.isfinite(number)
+        or (low is not None and (number <= low if low_open else number < low))
+        or (high is not None and (number >= high if high_open else number > high))
+    ):
+        raise ValueError(f"{description}, got {value!r}.")
+    return number
+
+
+def check_finite_logits(logits: Any, source: str, where: str = "") -> None:
+    """Raises a `ValueError` naming `source` and the rows when `logits` hold NaN or infinite values.
+
+    Args:
+        logits: `(n, num_labels)` logits (NumPy array or tensor).
+        source: Who produced them, e.g. the model's name or `"The saver"`.
+        where: Optional place, e.g. `" of split 'test'"`.
+    """
+    finite_rows = np.isfinite(np.asarray(logits)).all(axis=-1)
+    if not finite_rows.all():
+        bad_rows = np.flatnonzero(~finite_rows)
+        raise ValueError(
+            f"{source} returned NaN or infinite logits on {len(bad_rows)} of {len(finite_rows)} rows{where} "
+            f"(first: row {int(bad_rows[0])}); such rows have no prediction. Check the model's weights and inputs (a "
+            "float16 or bfloat16 model can overflow: run it in float32), then record again."
+        )
+
+
+def _as_classes(values: Any, name: str) -> np.ndarray:
+    """`values` as an int64 class array; float arrays must hold whole finite numbers (no NaN predicted as class 0)."""
+    array = np.asarray(values).reshape(-1)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{name} must be integer class indices, got an array of {array.dtype}.")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise ValueError(
+                f"{name} must be integer class indices, but {int(bad.sum())} of {len(array)} entries are NaN, "
+                f"infinite or fractional (first: row {int(np.flatnonzero(bad)[0])}, {array[bad][0]!r})."
+            )
+    return array.astype(np.int64)
 
 
 def _threshold_between(higher: np.ndarray, lower: np.ndarray) -> np.ndarray:
@@ -275,9 +354,9 @@ class CascadeSimulation:
         relative_saver_macs: float = 0.0,
     ):
         self.confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
-        self.saver_predictions = np.asarray(saver_predictions, dtype=np.int64).reshape(-1)
-        self.base_predictions = np.asarray(base_predictions, dtype=np.int64).reshape(-1)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.saver_predictions = _as_classes(saver_predictions, "saver_predictions")
+        self.base_predictions = _as_classes(base_predictions, "base_predictions")
+        self.labels = None if labels is None else _as_classes(labels, "labels")
         self.relative_saver_macs = float(relative_saver_macs)
         n = len(self.confidence)
         if n == 0:
@@ -319,11 +398,15 @@ class CascadeSimulation:
             The simulation.
         """
         saver_logits = torch.as_tensor(np.asarray(saver_logits))
+        if saver_logits.ndim == 2:
+            check_finite_logits(saver_logits, "The saver")
         confidence = compute_confidence(saver_logits, confidence_metric, temperature).numpy()
         saver_predictions = saver_logits.argmax(dim=-1).numpy()
         if label_mapping is not None:
-            saver_predictions = np.asarray(label_mapping, dtype=np.int64)[saver_predictions]
+            saver_predictions = np.asarray(validate_label_mapping(label_mapping), dtype=np.int64)[saver_predictions]
         base = np.asarray(base_logits_or_predictions)
+        if base.ndim == 2:
+            check_finite_logits(base, "The base")
         base_predictions = base.argmax(axis=-1) if base.ndim == 2 else base
         return cls(confidence, saver_predictions, base_predictions, labels, relative_saver_macs)
 
@@ -418,6 +501,7 @@ class CascadeSimulation:
         Returns:
             A result with `objective="threshold"`.
         """
+        threshold = validate_threshold(threshold)
         descending, _ = self._sorted
         exited = int(np.count_nonzero(descending > threshold))
         point = int(np.searchsorted(self.curve.exited, exited))
@@ -540,8 +624,9 @@ class CascadeSimulation:
     def _max_drop(self, max_drop: float, confidence_level: float | None = None) -> CalibrationResult:
         self._require_labels("max-drop")
         curve = self.curve
-        allowed_drop = float(max_drop) / 100.0
-        params = {"max_drop": float(max_drop), "confidence_level": confidence_level}
+        max_drop = check_number("max_drop", max_drop, meaning="the allowed top-1 drop in points, e.g. 0.5")
+        allowed_drop = max_drop / 100.0
+        params = {"max_drop": max_drop, "confidence_level": confidence_level}
         if confidence_level is None:
             # Compare integer counts: losses - wins <= max_drop% of n, with n * rate rounded off float noise.
             allowed_loss = math.floor(round(allowed_drop * self.n, 9))
@@ -570,8 +655,9 @@ class CascadeSimulation:
         )
 
     def _agreement(self, max_disagreement: float, confidence_level: float | None = None) -> CalibrationResult:
-        if not 0.0 <= max_disagreement <= 1.0:
-            raise ValueError(f"max_disagreement is a fraction of samples in [0, 1], got {max_disagreement}.")
+        max_disagreement = check_number(
+            "max_disagreement", max_disagreement, 0.0, 1.0, meaning="a fraction of samples"
+        )
         curve = self.curve
         params = {"max_disagreement": float(max_disagreement), "confidence_level": confidence_level}
         if confidence_level is None:
@@ -584,13 +670,15 @@ class CascadeSimulation:
         return self._pick_largest(admissible, "agreement", "the agreement target", 0, "", **params)
 
     def _exit_rate(self, exit_rate: float) -> CalibrationResult:
-        if not 0.0 <= exit_rate <= 1.0:
-            raise ValueError(f"exit_rate is a fraction of samples in [0, 1], got {exit_rate}.")
+        exit_rate = check_number("exit_rate", exit_rate, 0.0, 1.0, meaning="a fraction of samples")
         point = int(np.searchsorted(self.curve.exited, _count_for_rate(exit_rate, self.n)))
         return self._result("exit-rate", point, target_exit_rate=float(exit_rate))
 
     def _budget(self, relative_macs: float) -> CalibrationResult:
-        required_exit_rate = self.relative_saver_macs + 1.0 - float(relative_macs)
+        relative_macs = check_number(
+            "relative_macs", relative_macs, 0.0, meaning="the budget in base-model equivalents, e.g. 0.5"
+        )
+        required_exit_rate = self.relative_saver_macs + 1.0 - relative_macs
         params = {"target_relative_macs": float(relative_macs)}
         if required_exit_rate > 1.0 + 1e-12:
             nearest = self._result("budget", len(self.curve) - 1, **params)
@@ -622,8 +710,7 @@ class CascadeSimulation:
 
 
 def _check_confidence_level(confidence_level: float) -> None:
-    if not 0.0 < confidence_level < 1.0:
-        raise ValueError(f"confidence_level must be in (0, 1), e.g. 0.95; got {confidence_level}.")
+    check_number("confidence_level", confidence_level, 0.0, 1.0, low_open=True, high_open=True, meaning="e.g. 0.95")
 
 
 def calibrate(simulation: CascadeSimulation, objective: str, **parameters) -> CalibrationResult:
@@ -719,6 +806,8 @@ __all__ = [
     "InfeasibleTargetError",
     "TradeoffCurve",
     "calibrate",
+    "check_finite_logits",
+    "check_number",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "delta_c",

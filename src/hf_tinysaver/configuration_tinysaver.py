@@ -6,6 +6,9 @@ This file is copied next to saved cascades as remote code: it imports only trans
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+import operator
 import warnings
 from typing import Any
 
@@ -34,6 +37,85 @@ _TINYSAVER_KEYS = {
     "calibration",
     "tinysaver_version",
 }
+
+
+# Every confidence metric scores in [0, 1]: a threshold of 1 sends every image to the base, and any threshold below 0
+# lets every image exit (calibration writes such a value, e.g. -0.5, when an image of confidence 0 must exit too).
+THRESHOLD_RANGE = (-1.0, 1.0)
+
+
+def validate_threshold(value: Any, name: str = "threshold") -> float:
+    """Returns `value` as a float when it is a valid exit threshold, else raises a `ValueError` saying why.
+
+    An image exits when its confidence, a score in [0, 1] for every metric, is strictly greater than the threshold.
+    Valid thresholds are finite real numbers in [-1, 1] (1 sends every image to the base; below 0, every image
+    exits); booleans, strings, NaN and infinities are refused.
+
+    Args:
+        value: The threshold to check (a Python, NumPy or 0-d tensor number).
+        name: How the value is named in the error message, e.g. `"exit_thresholds[1]"` or `"--threshold"`.
+
+    Returns:
+        The threshold as a Python float.
+
+    Example:
+
+    ```python
+    >>> from hf_tinysaver.configuration_tinysaver import validate_threshold
+
+    >>> validate_threshold(0.9)
+    0.9
+    >>> validate_threshold(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: threshold must be a finite number in [-1, 1] (an image exits when its confidence, in [0, 1], is greater: 1 sends every image to the base), got nan.
+    ```
+    """
+    low, high = THRESHOLD_RANGE
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # NumPy scalars and 0-d tensors
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a number in [{low:g}, {high:g}] (an image exits when its confidence, in [0, 1], is "
+            f"greater), got {value!r} of type {type(value).__name__}."
+        )
+    threshold = float(value)
+    if not math.isfinite(threshold) or not low <= threshold <= high:
+        raise ValueError(
+            f"{name} must be a finite number in [{low:g}, {high:g}] (an image exits when its confidence, in [0, 1], "
+            f"is greater: 1 sends every image to the base), got {value!r}."
+        )
+    return threshold
+
+
+def validate_label_mapping(label_mapping: Any) -> list[int] | None:
+    """Returns `label_mapping` as a list of Python ints (or None), else raises a `ValueError` naming the bad entry.
+
+    Args:
+        label_mapping: Saver class `i` -> base class index `label_mapping[i]`; entries must be integers (Python,
+            NumPy or 0-d integer tensors), not floats, booleans or strings.
+
+    Returns:
+        The mapping as a new list of ints, or None.
+    """
+    if label_mapping is None:
+        return None
+    if isinstance(label_mapping, (str, bytes, dict)) or not hasattr(label_mapping, "__iter__"):
+        raise ValueError(
+            f"label_mapping must be a list of base class indices (one per saver class), got {type(label_mapping).__name__}."
+        )
+    entries = []
+    for position, entry in enumerate(label_mapping):
+        try:
+            if isinstance(entry, bool) or isinstance(entry, float):
+                raise TypeError
+            entries.append(operator.index(entry))
+        except TypeError:
+            raise ValueError(
+                f"label_mapping entries must be integer base class indices, got {entry!r} "
+                f"({type(entry).__name__}) at position {position}."
+            ) from None
+    return entries
 
 
 def sub_config_from_dict(config_dict: dict[str, Any]) -> PreTrainedConfig:
@@ -75,8 +157,9 @@ class TinySaverConfig(PreTrainedConfig):
         base_config (`PreTrainedConfig` or `dict`, *optional*):
             Config of the base model. The cascade's `id2label` is the base's.
         threshold (`float`, *optional*, defaults to 1.0):
-            An image exits at the saver when its confidence is strictly greater than this value. With `max_prob`
-            confidence, 1.0 sends every image to the base.
+            An image exits at the saver when its confidence is strictly greater than this value. Every confidence is
+            in [0, 1], so 1.0 sends every image to the base; a finite number in [-1, 1] (see [`validate_threshold`]),
+            checked on every assignment.
         confidence (`str`, *optional*, defaults to `"max_prob"`):
             Confidence score of the saver: `"max_prob"` (the paper's maximum softmax probability), `"margin"` (top-1
             minus top-2 probability) or `"entropy"` (1 minus the normalised entropy of the softmax).
@@ -84,7 +167,7 @@ class TinySaverConfig(PreTrainedConfig):
             Saver logits are divided by this value before the confidence is computed (it never changes predictions).
             Not named `temperature`, which transformers reserves for generation.
         label_mapping (`list[int]`, *optional*):
-            For savers with another label space: saver class `i` is base class `label_mapping[i]`.
+            For savers with another label space: saver class `i` is base class `label_mapping[i]` (integers).
         saver_preprocessing (`dict`, *optional*):
             How an image is prepared for the saver (`input_size`, `resize`, `crop_pct`, `interpolation`, `mean`,
             `std`); see [`TinySaverImageProcessor`].
@@ -140,10 +223,10 @@ class TinySaverConfig(PreTrainedConfig):
 
         self.saver_config = saver_config
         self.base_config = base_config
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.confidence = confidence
         self.confidence_temperature = float(confidence_temperature)
-        self.label_mapping = list(label_mapping) if label_mapping is not None else None
+        self.label_mapping = label_mapping
         self.saver_preprocessing = saver_preprocessing
         self.base_preprocessing = base_preprocessing
         self.saver_macs = saver_macs
@@ -155,6 +238,14 @@ class TinySaverConfig(PreTrainedConfig):
         if base_config is not None and "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["id2label"] = dict(base_config.id2label)
         super().__init__(**kwargs)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # Checked on every assignment (`config.threshold = 0.9` too), so no invalid value reaches the forward pass.
+        if key == "threshold":
+            value = validate_threshold(value)
+        elif key == "label_mapping":
+            value = validate_label_mapping(value)
+        super().__setattr__(key, value)
 
     @staticmethod
     def _warn_on_newer_keys(saved_version: str | None, kwargs: dict[str, Any]) -> None:
@@ -197,4 +288,12 @@ class TinySaverConfig(PreTrainedConfig):
         return output
 
 
-__all__ = ["TinySaverConfig", "TINYSAVER_VERSION", "CONFIDENCE_METRICS", "sub_config_from_dict"]
+__all__ = [
+    "TinySaverConfig",
+    "TINYSAVER_VERSION",
+    "CONFIDENCE_METRICS",
+    "THRESHOLD_RANGE",
+    "sub_config_from_dict",
+    "validate_label_mapping",
+    "validate_threshold",
+]

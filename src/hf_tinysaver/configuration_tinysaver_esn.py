@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configuration_tinysaver import TinySaverConfig
+from .configuration_tinysaver import TinySaverConfig, validate_threshold
 
 # Keys written by this config on top of TinySaverConfig's; always serialised in full.
 _ESN_KEYS = (
@@ -104,7 +104,7 @@ class TinySaverESNConfig(TinySaverConfig):
         exit_stages = list(exit_stages) if exit_stages is not None else []
         if exit_thresholds is None:
             exit_thresholds = [1.0] * len(exit_stages)
-        exit_thresholds = [float(value) for value in exit_thresholds]
+        exit_thresholds = validate_exit_thresholds(exit_thresholds)
         if len(exit_thresholds) != len(exit_stages):
             raise ValueError(
                 f"Got {len(exit_thresholds)} exit_thresholds for {len(exit_stages)} exit_stages; give one threshold "
@@ -131,6 +131,11 @@ class TinySaverESNConfig(TinySaverConfig):
         self.exit_macs = [int(v) for v in exit_macs] if exit_macs is not None else None
         super().__init__(**kwargs)
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "exit_thresholds":
+            value = validate_exit_thresholds(value)
+        super().__setattr__(key, value)
+
     @property
     def num_exits(self) -> int:
         """Number `P` of ESN exits (the saver and the base's final answer are not counted)."""
@@ -152,4 +157,18 @@ class TinySaverESNConfig(TinySaverConfig):
         return output
 
 
-__all__ = ["TinySaverESNConfig"]
+def validate_exit_thresholds(exit_thresholds: Any) -> list[float]:
+    """Returns the ESN's per-exit thresholds as a list of floats, each checked by [`validate_threshold`].
+
+    Args:
+        exit_thresholds: One threshold per ESN exit.
+
+    Returns:
+        A new list of floats.
+    """
+    if isinstance(exit_thresholds, (str, bytes)) or not hasattr(exit_thresholds, "__iter__"):
+        raise ValueError(f"exit_thresholds must be a list of numbers, one per ESN exit, got {exit_thresholds!r}.")
+    return [validate_threshold(value, f"exit_thresholds[{index}]") for index, value in enumerate(exit_thresholds)]
+
+
+__all__ = ["TinySaverESNConfig", "validate_exit_thresholds"]

@@ -46,6 +46,7 @@ from .calibration import CascadeSimulation
 from .confidence import compute_confidence
 from .image_processing_tinysaver import normalize_preprocessing
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
+from .records import prepare_images
 from .storage import write_file_atomic, write_json_atomic
 
 FEATURES_FORMAT_VERSION = 1
@@ -184,21 +185,24 @@ def extract_exit_features(
     model.eval()
     parts: dict[str, list] = {"saver_logits": [], "saver_features": [], "base_logits": [], "labels": []}
     stage_parts: list[list[torch.Tensor]] = [[] for _ in model.config.exit_stages]
-    batches = dataset.iter(batch_size=batch_size)
+    labels = torch.as_tensor(dataset[label_column], dtype=torch.long)  # a column read decodes no images
+    starts = range(0, len(dataset), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="ESN features", unit="batch")
+        starts = tqdm(starts, desc="ESN features", unit="batch")
     device = next(model.parameters()).device
-    for batch in batches:
-        inputs = processor(images=batch[image_column], return_tensors="pt")
+    split = str(dataset.split) if getattr(dataset, "split", None) is not None else None
+    for start in starts:
+        stop = min(start + batch_size, len(dataset))
+        inputs = prepare_images(processor, dataset, image_column, start, stop, split)
         inputs = {name: value.to(device) for name, value in inputs.items()}
         features = model.compute_exit_features(**inputs)
         for name in ("saver_logits", "saver_features", "base_logits"):
             parts[name].append(features[name].float().cpu())
         for index, feature in enumerate(features["stage_features"]):
             stage_parts[index].append(feature.float().cpu())
-        parts["labels"].append(torch.as_tensor(batch[label_column], dtype=torch.long))
+        parts["labels"].append(labels[start:stop])
     return ExitFeatures(
         saver_logits=torch.cat(parts["saver_logits"]),
         saver_features=torch.cat(parts["saver_features"]),

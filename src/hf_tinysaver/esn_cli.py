@@ -28,6 +28,7 @@ from .esn import (
 )
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification
 from .storage import atomic_folder, check_output_folder, write_json_atomic
+from .workflow_cli import MAX_DROP_TYPE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +79,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     calibration = parser.add_argument_group("calibration and output")
     calibration.add_argument(
-        "--max-drop", type=float, default=0.5, help="Allowed top-1 drop against the base, in percentage points."
+        "--max-drop",
+        type=MAX_DROP_TYPE,
+        default=0.5,
+        help="Allowed top-1 drop against the base, in percentage points.",
     )
     calibration.add_argument("--budget-steps", type=int, default=10, help="Grid of the drop budget split over exits.")
     calibration.add_argument(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import transformers
 from torchvision import transforms
@@ -211,18 +212,105 @@ def build_transform(spec: dict[str, Any]):
     return transforms.Compose(steps)
 
 
+EXIF_ORIENTATION = 0x0112
+# PIL modes whose pixels are 16-bit integers (0..65535).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def pixels_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Scales an image array of any numeric dtype to 8 bits (0..255), by the value range its type or data implies.
+
+    The rules, the same for PIL images, NumPy arrays and tensors:
+
+    - `uint8`: unchanged. `bool`: False/True become 0/255.
+    - `uint16` (PIL's `I;16` modes, 16-bit PNGs and TIFFs): 0..65535 is scaled to 0..255.
+    - Other integer types (PIL's 32-bit mode `I`, which is how PIL hands out 16-bit files too, `int32`/`int64`
+      arrays and tensors): by the data's bit depth, 0..255 as 8-bit and 0..65535 as 16-bit; negative values and
+      values above 65535 are an error.
+    - Floats (PIL's mode `F`, `float16`/`float32`/`float64`): 0..1 when no value exceeds 1, else 0..255 as 8-bit
+      values; NaN, infinite, negative values and values above 255 are an error.
+
+    Scaled values are rounded to the nearest 8-bit level, so `v * 257` (16-bit) and `v / 255` (float) give back the
+    8-bit `v` exactly. Clipping (what `PIL.Image.convert("RGB")` does to such images) is never used.
+
+    Args:
+        pixels: The image's pixel values.
+
+    Returns:
+        A `uint8` array of the same shape.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_tinysaver.image_processing_tinysaver import pixels_to_uint8
+
+    >>> pixels_to_uint8(np.array([0, 128 * 257, 65535], dtype=np.uint16)).tolist()
+    [0, 128, 255]
+    >>> pixels_to_uint8(np.array([0.0, 0.5, 1.0])).tolist()
+    [0, 128, 255]
+    ```
+    """
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    if np.issubdtype(pixels.dtype, np.floating):
+        values = pixels.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("The image holds NaN or infinite pixel values; fix or drop it.")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"A float image must hold values in 0..1 (or 0..255), got {low:g}..{high:g}; rescale it first."
+            )
+        scale = 255.0 if high <= 1.0 else 1.0
+        return np.rint(values * scale).astype(np.uint8)
+    if np.issubdtype(pixels.dtype, np.integer):
+        values = pixels.astype(np.int64)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"An integer image must hold 8-bit (0..255) or 16-bit (0..65535) values, got {low}..{high}; convert "
+                "it to 8 bits first."
+            )
+        if (pixels.dtype.kind == "u" and pixels.dtype.itemsize == 2) or high > 255:  # uint16 of either byte order
+            return ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded: v * 257 -> v
+        return values.astype(np.uint8)
+    raise ValueError(f"Unsupported image dtype {pixels.dtype}; pass uint8, 16-bit integer or float pixels.")
+
+
 def to_rgb_pil(image: Any) -> PIL.Image.Image:
-    """Converts a PIL image (any mode), an `(H, W[, C])` uint8 array or a `(C, H, W)` uint8 tensor to RGB PIL."""
+    """Converts an image to an RGB PIL image with the right pixels.
+
+    Accepts a PIL image of any mode, an `(H, W)` or `(H, W, C)` array or a `(C, H, W)` tensor (C = 1, 3 or 4), of any
+    numeric dtype: 16-bit, 32-bit integer and float pixels are scaled to 8 bits as [`pixels_to_uint8`] describes,
+    never clipped. A PIL image's EXIF orientation is applied first (`PIL.ImageOps.exif_transpose`, as
+    `transformers.image_utils.load_image` does), and transparent pixels are composited on white.
+    """
     if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8 or image.ndim != 3:
-            raise ValueError("Tensor images must be uint8 of shape (channels, height, width).")
-        image = image.permute(1, 2, 0).cpu().numpy()
+        if image.ndim not in (2, 3):
+            raise ValueError(
+                f"Tensor images must be (channels, height, width) or (height, width), got shape {tuple(image.shape)}."
+            )
+        pixels = image.detach().cpu()
+        if pixels.dtype == torch.bfloat16:
+            pixels = pixels.float()
+        image = (pixels.permute(1, 2, 0) if pixels.ndim == 3 else pixels).numpy()
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"Array images must be uint8 (0-255), got {image.dtype}; convert them first.")
-        image = PIL.Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"Array images must be (height, width) or (height, width, 3 or 4), got shape {image.shape}."
+            )
+        image = PIL.Image.fromarray(np.ascontiguousarray(pixels_to_uint8(image)))
     if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"Expected a PIL image, a uint8 array or a uint8 tensor, got {type(image).__name__}.")
+        raise TypeError(f"Expected a PIL image, an array or a tensor, got {type(image).__name__}.")
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = PIL.Image.fromarray(pixels_to_uint8(np.asarray(image)))
     if image.mode != "RGB":
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite transparent pixels on white, as browsers and PIL-based loaders show them.
@@ -302,8 +390,9 @@ class TinySaverImageProcessor(BaseImageProcessor):
         """Prepares one image or a list of images.
 
         Args:
-            images: A PIL image (any mode: grayscale and RGBA are converted to RGB), a uint8 array or tensor, or a
-                sequence of them (list, tuple, `datasets` column).
+            images: A PIL image (any mode: grayscale and RGBA are converted to RGB; 16-bit, 32-bit integer and float
+                images are scaled to 8 bits, see [`pixels_to_uint8`]; the EXIF orientation is applied), an array or
+                a tensor, or a sequence of them (list, tuple, `datasets` column).
             return_tensors: Only `"pt"` is supported.
 
         Returns:
@@ -331,6 +420,7 @@ __all__ = [
     "TinySaverImageProcessor",
     "build_transform",
     "normalize_preprocessing",
+    "pixels_to_uint8",
     "preprocessing_from_image_processor",
     "preprocessing_from_timm",
     "to_rgb_pil",

@@ -24,7 +24,7 @@ from transformers import AutoModelForImageClassification, PreTrainedConfig, PreT
 from transformers.utils import ModelOutput, logging
 
 from .confidence import compute_confidence
-from .configuration_tinysaver import TinySaverConfig
+from .configuration_tinysaver import TinySaverConfig, validate_threshold
 from .image_processing_tinysaver import (
     TinySaverImageProcessor,
     normalize_preprocessing,
@@ -359,7 +359,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         if self.label_mapping_index is None:
             return saver_logits
         mapped = saver_logits.new_full((saver_logits.shape[0], self.config.num_labels), float("-inf"))
-        return mapped.index_copy(1, self.label_mapping_index, saver_logits)
+        return mapped.index_copy(1, self.label_mapping_index.to(saver_logits.device), saver_logits)
 
     def check_inputs(self, pixel_values: torch.Tensor | None, base_pixel_values: torch.Tensor | None) -> None:
         """Raises a `ValueError` that says what to pass when the inputs cannot feed both sub-models."""
@@ -381,14 +381,15 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         """Runs the saver and decides which images exit.
 
         Args:
-            pixel_values: Images prepared for the saver.
-            threshold: Overrides `config.threshold`.
+            pixel_values: Images prepared for the saver; cast to the saver's own device and dtype.
+            threshold: Overrides `config.threshold` (checked by [`validate_threshold`]).
 
         Returns:
-            The saver's logits in the base's label space, its confidence and the boolean exit mask.
+            The saver's logits in the base's label space, its confidence and the boolean exit mask, on the saver's
+            device.
         """
-        threshold = self.config.threshold if threshold is None else float(threshold)
-        raw_saver_logits = self.saver(pixel_values=pixel_values).logits
+        threshold = self.config.threshold if threshold is None else validate_threshold(threshold)
+        raw_saver_logits = self.saver(pixel_values=to_placement(pixel_values, placement(self.saver))).logits
         saver_confidence = compute_confidence(
             raw_saver_logits, self.config.confidence, self.config.confidence_temperature
         )
@@ -419,19 +420,30 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         """
         self.check_inputs(pixel_values, base_pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # Each sub-model gets its inputs on its own device and in its own dtype; the outputs come back on the
+        # caller's device, the logits in the wider of the two sub-models' dtypes (no-ops when all agree).
+        caller_device = pixel_values.device
+        base_placement = placement(self.base)
         saver_logits, saver_confidence, exited = self.run_saver(pixel_values, threshold)
+        logits_dtype = output_logits_dtype(saver_logits, base_placement)
+        saver_logits, saver_confidence, exited = (
+            saver_logits.to(caller_device, logits_dtype),
+            saver_confidence.to(caller_device),
+            exited.to(caller_device),
+        )
 
         logits = saver_logits
         remaining_count, remaining = rows_that_did_not_exit(exited)
         if remaining_count > 0:
             base_inputs = base_pixel_values if base_pixel_values is not None else pixel_values
             if remaining is not None:
-                base_inputs = base_inputs.index_select(0, remaining)
-            base_logits = self.base(pixel_values=base_inputs).logits
+                base_inputs = base_inputs.index_select(0, remaining.to(base_inputs.device))
+            base_logits = self.base(pixel_values=to_placement(base_inputs, base_placement)).logits
+            base_logits = base_logits.to(caller_device, logits_dtype)
             if remaining is None:
                 logits = base_logits
             else:
-                logits = saver_logits.index_copy(0, remaining, base_logits.to(saver_logits.dtype))
+                logits = saver_logits.index_copy(0, remaining, base_logits)
 
         loss = None
         if labels is not None:
@@ -500,6 +512,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             raise ValueError(f"base_batch_size must be a positive number of images, got {base_batch_size!r}.")
         if max_waiting_batches is not None and (isinstance(max_waiting_batches, bool) or int(max_waiting_batches) < 0):
             raise ValueError(f"max_waiting_batches must be 0 or more batches, got {max_waiting_batches!r}.")
+        threshold = None if threshold is None else validate_threshold(threshold)
         waiting = deque()  # [output, images still without base logits], in input order
         queue = deque()  # (waiting entry, row positions in its batch, base inputs of those rows)
         queued = 0
@@ -514,7 +527,14 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             if base_batch_size is None:
                 base_batch_size = max(1, pixel_values.shape[0])
             with torch.no_grad():
+                caller_device = pixel_values.device
                 saver_logits, saver_confidence, exited = self.run_saver(pixel_values, threshold)
+                logits_dtype = output_logits_dtype(saver_logits, placement(self.base))
+                saver_logits, saver_confidence, exited = (
+                    saver_logits.to(caller_device, logits_dtype),
+                    saver_confidence.to(caller_device),
+                    exited.to(caller_device),
+                )
                 remaining_count, remaining = rows_that_did_not_exit(exited)
                 output = TinySaverImageClassifierOutput(
                     logits=saver_logits.clone(),
@@ -531,7 +551,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                         remaining = torch.arange(remaining_count, device=exited.device)
                         base_inputs = base_inputs.clone()
                     else:
-                        base_inputs = base_inputs.index_select(0, remaining)
+                        base_inputs = base_inputs.index_select(0, remaining.to(base_inputs.device))
                     queue.append((entry, remaining, base_inputs))
                     queued += remaining_count
                 while queued >= base_batch_size:
@@ -566,13 +586,14 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                 positions, base_inputs = positions[:room], base_inputs[:room]
             taken.append((entry, positions, base_inputs))
             taken_images += positions.numel()
-        inputs = taken[0][2] if len(taken) == 1 else torch.cat([base_inputs for _, _, base_inputs in taken])
-        base_logits = self.base(pixel_values=inputs).logits
+        base_placement = placement(self.base)
+        inputs = [to_placement(base_inputs, base_placement) for _, _, base_inputs in taken]
+        base_logits = self.base(pixel_values=inputs[0] if len(inputs) == 1 else torch.cat(inputs)).logits
         for (entry, positions, _), logits in zip(
             taken, base_logits.split([positions.numel() for _, positions, _ in taken]), strict=True
         ):
             output = entry[0]
-            output.logits.index_copy_(0, positions, logits.to(output.logits.dtype))
+            output.logits.index_copy_(0, positions, logits.to(output.logits.device, output.logits.dtype))
             entry[1] -= positions.numel()
         return taken_images
 
@@ -771,6 +792,41 @@ def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> P
         if name in ZOO:
             return load_zoo_model(name)
     return AutoModelForImageClassification.from_pretrained(name)
+
+
+def placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and floating-point dtype of a sub-model's first floating-point parameter or buffer.
+
+    Returns:
+        `(device, dtype)`, or `(None, None)` for a model without floating-point tensors.
+    """
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in model.buffers():
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
+
+
+def to_placement(
+    pixel_values: torch.Tensor, model_placement: tuple[torch.device | None, torch.dtype | None]
+) -> torch.Tensor:
+    """Moves and casts a sub-model's inputs to its own `placement` (a no-op, returning the tensor, when they match)."""
+    device, dtype = model_placement
+    if device is None:
+        return pixel_values
+    return pixel_values.to(device=device, dtype=dtype)
+
+
+def output_logits_dtype(
+    saver_logits: torch.Tensor, base_placement: tuple[torch.device | None, torch.dtype | None]
+) -> torch.dtype:
+    """The dtype of a cascade's logits: the wider of the saver's logits' and the base's (float32 with bfloat16)."""
+    base_dtype = base_placement[1]
+    if base_dtype is None or base_dtype == saver_logits.dtype:
+        return saver_logits.dtype
+    return torch.promote_types(saver_logits.dtype, base_dtype)
 
 
 def rows_that_did_not_exit(exited: torch.Tensor) -> tuple[int, torch.Tensor | None]:

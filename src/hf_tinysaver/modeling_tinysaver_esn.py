@@ -23,8 +23,9 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
-from .configuration_tinysaver_esn import TinySaverESNConfig
-from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models
+from .configuration_tinysaver import validate_threshold
+from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
+from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models, placement
 
 SUPPORTED_BASES = (
     "hf_tinysaver's CIFAR ResNets (any model exposing `forward_stem`, `stages` and `forward_head`)",
@@ -671,6 +672,20 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         self.config.exit_macs = exit_macs
         return exit_macs
 
+    def check_placement(self) -> None:
+        """Raises a `ValueError` when the saver, the base and the ESN are not in one dtype on one device.
+
+        The ESN's exits combine the saver's and the base's features, so, unlike the plain cascade, all three parts
+        must share a dtype and a device.
+        """
+        parts = {"saver": placement(self.saver), "base": placement(self.base), "ESN": placement(self.esn)}
+        if len(set(parts.values())) > 1:
+            found = ", ".join(f"{name} {dtype} on {device}" for name, (device, dtype) in parts.items())
+            raise ValueError(
+                f"An ESN cascade runs its saver, base and exits in one dtype on one device, but found {found}. Move "
+                "the whole model at once, e.g. `model.to(torch.float32)` or `model.to('cuda')`."
+            )
+
     def compute_exit_features(
         self, pixel_values: torch.Tensor, base_pixel_values: torch.Tensor | None = None
     ) -> dict[str, Any]:
@@ -685,6 +700,7 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             `(batch, channels)` tensor per ESN exit) and `base_logits`. Caching these once lets the ESN train
             without running the frozen models again.
         """
+        self.check_placement()
         raw_saver_logits, saver_features = run_with_pre_logits(self.saver, pixel_values)
         base_inputs = base_pixel_values if base_pixel_values is not None else pixel_values
         base_logits, stage_outputs = self._staged_base.forward(base_inputs)
@@ -725,9 +741,13 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
                 Return a [`TinySaverESNImageClassifierOutput`] (default) or a tuple.
         """
         self.check_inputs(pixel_values, base_pixel_values)
+        self.check_placement()
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        threshold = self.config.threshold if threshold is None else float(threshold)
-        exit_thresholds = list(self.config.exit_thresholds if exit_thresholds is None else exit_thresholds)
+        threshold = self.config.threshold if threshold is None else validate_threshold(threshold)
+        # Validated here too: the config's list can be changed in place.
+        exit_thresholds = validate_exit_thresholds(
+            self.config.exit_thresholds if exit_thresholds is None else exit_thresholds
+        )
         if len(exit_thresholds) != self.esn.num_exits:
             raise ValueError(f"Expected {self.esn.num_exits} exit_thresholds, got {len(exit_thresholds)}.")
         if output_all_exits is None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import CascadeSimulation
+from .calibration import CascadeSimulation, check_finite_logits
 from .storage import write_file_atomic as _atomic_write
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ class Records:
             )
         if self.labels is not None and len(self.labels) != len(self.logits):
             raise ValueError(f"Records have {len(self.logits)} rows of logits but {len(self.labels)} labels.")
+        # Refused here, so neither a fresh run nor a cached file can pass NaN rows off as class-0 predictions.
+        check_finite_logits(self.logits, str(self.model_name), f" of split {self.split!r}" if self.split else "")
 
     @property
     def n(self) -> int:
@@ -335,19 +337,71 @@ def distributed_state():
     return state
 
 
+# What PIL (and the processor, for pixels it refuses) raise on a broken or unusable image.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+class UnreadableImageError(ValueError):
+    """An image of a dataset row cannot be decoded or prepared; the message names the split, row and column."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def prepare_images(
+    processor: Callable, dataset, image_column: str, start: int, stop: int, split: str | None = None
+) -> Any:
+    """Decodes rows `start:stop` of `dataset` and runs `processor` on their images.
+
+    When the batch fails (a truncated or garbage image file, or an image the processor refuses), the rows are tried
+    one by one, so the error names the row at fault instead of surfacing a bare PIL traceback.
+
+    Args:
+        processor: Called as `processor(images=list_of_images, return_tensors="pt")`.
+        dataset: A `datasets.Dataset`.
+        image_column: The column holding the images.
+        start: First row (in the dataset as loaded, i.e. within the split selection).
+        stop: End row (exclusive).
+        split: The split's name for the message, e.g. `"test[:50%]"`.
+
+    Returns:
+        The processor's output for the batch.
+
+    Raises:
+        UnreadableImageError: Naming the split, the row, the column and the reason.
+    """
+    try:
+        return processor(images=list(dataset[start:stop][image_column]), return_tensors="pt")
+    except IMAGE_ERRORS as batch_error:
+        for row in range(start, stop):
+            try:
+                processor(images=[dataset[row][image_column]], return_tensors="pt")
+            except IMAGE_ERRORS as error:
+                place = f"split {split!r}" if split else "the dataset"
+                raise UnreadableImageError(
+                    f"Cannot read the image in row {row} of {place} (column {image_column!r}): {_one_line(error)}. "
+                    "Fix or drop that row (e.g. `dataset.filter(...)` or re-encode the file) and run again."
+                ) from error
+        raise batch_error
+
+
 class _Batches(torch.utils.data.Dataset):
     """Batch `b` of the split, preprocessed: what a DataLoader worker returns for one batch index."""
 
-    def __init__(self, dataset, image_column: str, processor: Callable, batch_size: int):
+    def __init__(self, dataset, image_column: str, processor: Callable, batch_size: int, split: str | None = None):
         self.dataset, self.image_column, self.processor, self.batch_size = dataset, image_column, processor, batch_size
+        self.split = split
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
 
     def __getitem__(self, batch_index: int) -> tuple[int, torch.Tensor]:
         start = batch_index * self.batch_size
-        images = self.dataset[start : start + self.batch_size][self.image_column]
-        return batch_index, self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        stop = min(start + self.batch_size, len(self.dataset))
+        inputs = prepare_images(self.processor, self.dataset, self.image_column, start, stop, self.split)
+        return batch_index, inputs["pixel_values"]
 
 
 def record(
@@ -584,7 +638,9 @@ def _record_key(
         parameter = next(model.parameters(), None)
         device = state.device if state.num_processes > 1 else (parameter.device if parameter is not None else "cpu")
     model.to(device).eval()
-    loader_batches = _Batches(data, image_column, processor, batch_size)
+    # The images go to the model in its own dtype (a bfloat16 or float64 model gets bfloat16 or float64 pixels).
+    parameter_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    loader_batches = _Batches(data, image_column, processor, batch_size, split)
     computed: dict[tuple[int, int], np.ndarray] = {}
     progress_bar = tqdm(
         total=sum(chunk_rows(chunk)[1] - chunk_rows(chunk)[0] for chunk in pending),
@@ -610,7 +666,7 @@ def _record_key(
             own_logits = {}
             for _ in own_batches[chunk]:
                 batch_index, pixel_values = next(loader)
-                logits = model(pixel_values=pixel_values.to(device)).logits
+                logits = model(pixel_values=pixel_values.to(device=device, dtype=parameter_dtype)).logits
                 own_logits[int(batch_index)] = logits.float().cpu().numpy()
             gathered = gather_object([own_logits]) if state.num_processes > 1 else [own_logits]
             if state.is_main_process:
@@ -621,25 +677,31 @@ def _record_key(
                 computed[chunk] = chunk_logits
                 progress_bar.update(len(chunk_logits))
 
-    records = None
+    records, refusal = None, None
     if state.is_main_process:
         logits = np.concatenate([computed[c] if c in computed else load_chunk(c) for c in chunks])
         labels = np.asarray(data[label_column], dtype=np.int64) if label_column is not None else None
-        records = Records(
-            logits=logits,
-            predictions=logits.argmax(axis=-1),
-            labels=labels,
-            model_name=str(model_name),
-            model_hash=model_hash,
-            dataset_fingerprint=fingerprint,
-            split=split,
-            preprocessing=json.loads(json.dumps(description, default=str)) if description is not None else {},
-            cache_key=key if use_cache else None,
-        )
-        if use_cache:
+        try:
+            records = Records(
+                logits=logits,
+                predictions=logits.argmax(axis=-1),
+                labels=labels,
+                model_name=str(model_name),
+                model_hash=model_hash,
+                dataset_fingerprint=fingerprint,
+                split=split,
+                preprocessing=json.loads(json.dumps(description, default=str)) if description is not None else {},
+                cache_key=key if use_cache else None,
+            )
+        except ValueError as error:  # e.g. NaN logits: every process raises it, none waits for the records
+            refusal = str(error)
+        if use_cache and records is not None:
             records.save(cache_root / f"{key}.npz")
             shutil.rmtree(partial_dir, ignore_errors=True)
-    return broadcast_object_list([records])[0]
+    records, refusal = broadcast_object_list([records, refusal])
+    if refusal is not None:
+        raise ValueError(refusal)
+    return records
 
 
 def pair_from_records(
@@ -693,10 +755,12 @@ def pair_from_records(
 __all__ = [
     "RECORDS_FORMAT_VERSION",
     "Records",
+    "UnreadableImageError",
     "default_cache_dir",
     "distributed_state",
     "folder_fingerprint",
     "model_fingerprint",
     "pair_from_records",
+    "prepare_images",
     "record",
 ]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .workflow_cli import _add_data_arguments
+from .workflow_cli import CONFIDENCE_LEVEL_TYPE, MAX_DROP_TYPE, _add_data_arguments
 
 
 def add_parser(subparsers) -> None:
@@ -26,20 +26,20 @@ def add_parser(subparsers) -> None:
     _add_data_arguments(parser)
     parser.add_argument(
         "--max-drop",
-        type=float,
+        type=MAX_DROP_TYPE,
         default=0.5,
         help="Primary allowed top-1 drop in points: its relative MACs ranks and the winner is calibrated to it.",
     )
     parser.add_argument(
         "--max-drops",
-        type=float,
+        type=MAX_DROP_TYPE,
         nargs="+",
         default=[0.0, 0.5, 1.0],
         help="Allowed drops (points) at which every candidate is scored.",
     )
     parser.add_argument(
         "--confidence-level",
-        type=float,
+        type=CONFIDENCE_LEVEL_TYPE,
         default=None,
         help="Score with max-drop's guarantee mode at this level (Clopper-Pearson bounds).",
     )

@@ -32,6 +32,7 @@ from .records import (
     _resolve_dataset,
     distributed_state,
     pair_from_records,
+    prepare_images,
     record,
 )
 from .storage import atomic_folder, write_json_atomic, write_text_atomic
@@ -463,8 +464,8 @@ def evaluate_cascade(
         ) as bar,
     ):
         for index in own:
-            images = data[index * batch_size : (index + 1) * batch_size][image_column]
-            inputs = processor(images=images, return_tensors="pt")
+            stop = min((index + 1) * batch_size, len(data))
+            inputs = prepare_images(processor, data, image_column, index * batch_size, stop, split)
             start = time.perf_counter()
             result = cascade(**inputs)
             forward_seconds += time.perf_counter() - start

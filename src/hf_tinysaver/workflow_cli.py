@@ -3,7 +3,72 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
+
+
+def number_type(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    meaning: str = "",
+) -> Callable[[str], float]:
+    """An argparse `type` that accepts only finite numbers within the bounds (no `inf`, `nan`).
+
+    Args:
+        low: Lower bound, or None.
+        high: Upper bound, or None.
+        low_open: Whether `low` itself is excluded.
+        high_open: Whether `high` itself is excluded.
+        meaning: What the number is, appended to the message.
+
+    Returns:
+        The parser, which raises `argparse.ArgumentTypeError` (argparse's usage error, exit code 2) with the rule.
+    """
+    if low is not None and high is not None:
+        wanted = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        wanted = "a finite number"
+    wanted += f" ({meaning})" if meaning else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if (
+            not math.isfinite(value)
+            or (low is not None and (value <= low if low_open else value < low))
+            or (high is not None and (value >= high if high_open else value > high))
+        ):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def threshold_type(text: str) -> float:
+    """An argparse `type` for an exit threshold, checked by the cascade config's own `validate_threshold`."""
+    from .configuration_tinysaver import validate_threshold
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = text
+    try:
+        return validate_threshold(value, name="the threshold")
+    except ValueError as error:
+        message = str(error).replace(f"got {value!r} of type str", f"got {text!r}")
+        raise argparse.ArgumentTypeError(message.replace(f"got {value!r}", f"got {text!r}")) from None
+
+
+MAX_DROP_TYPE = number_type(0.0, 100.0, meaning="allowed top-1 drop in points, e.g. 0.5")
+FRACTION_TYPE = number_type(0.0, 1.0, meaning="a fraction of the images")
+CONFIDENCE_LEVEL_TYPE = number_type(0.0, 1.0, low_open=True, high_open=True, meaning="a probability, e.g. 0.95")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | None = None) -> None:
@@ -49,19 +114,26 @@ def add_parser(subparsers) -> None:
         help="How to choose the threshold.",
     )
     calibrate_parser.add_argument(
-        "--max-drop", type=float, default=None, help="max-drop: allowed top-1 drop in points."
+        "--max-drop", type=MAX_DROP_TYPE, default=None, help="max-drop: allowed top-1 drop in points."
     )
-    calibrate_parser.add_argument("--exit-rate", type=float, default=None, help="exit-rate: fraction that must exit.")
-    calibrate_parser.add_argument("--budget", type=float, default=None, help="budget: target relative MACs.")
+    calibrate_parser.add_argument(
+        "--exit-rate", type=FRACTION_TYPE, default=None, help="exit-rate: fraction that must exit."
+    )
+    calibrate_parser.add_argument(
+        "--budget",
+        type=number_type(0.0, meaning="relative MACs, e.g. 0.5"),
+        default=None,
+        help="budget: target relative MACs.",
+    )
     calibrate_parser.add_argument(
         "--max-disagreement",
-        type=float,
+        type=FRACTION_TYPE,
         default=None,
         help="agreement: allowed fraction of disagreements with the base.",
     )
     calibrate_parser.add_argument(
         "--confidence-level",
-        type=float,
+        type=CONFIDENCE_LEVEL_TYPE,
         default=None,
         help="max-drop/agreement: hold the target on fresh data with this probability (Clopper-Pearson bound).",
     )
@@ -94,7 +166,9 @@ def add_parser(subparsers) -> None:
     )
     evaluate_parser.add_argument("--model", "-m", required=True, help="A saved cascade folder or Hub id.")
     _add_data_arguments(evaluate_parser)
-    evaluate_parser.add_argument("--threshold", type=float, default=None, help="Override the saved threshold.")
+    evaluate_parser.add_argument(
+        "--threshold", type=threshold_type, default=None, help="Override the saved threshold (a number in [-1, 1])."
+    )
     evaluate_parser.add_argument("--results-file", default=None, help="Write the results as JSON here.")
     evaluate_parser.set_defaults(func=run_evaluate)
 
