@@ -307,3 +307,59 @@ def test_imagenet_subset_is_in_random_order_and_a_sorted_copy_is_flagged():
     sorted_half = np.sort(labels)[: len(labels) // 2]
     messages = label_order_warnings(sorted_half, 1000, "validation[:50%]")
     assert "labels rise with the row (correlation 1.00)" in messages[-1]
+
+
+def test_search_takes_shuffle_seed_and_label_map(folders, tiny_models_dir, tmp_path):
+    results = {}
+    for name, extra in (("original", []), ("renamed", ["--label-map", '{"plane": "airplane", "car": "automobile"}'])):
+        results_file = tmp_path / f"{name}.json"
+        code = tinysaver(
+            ["search", "--base", tiny_models_dir["base"], "--candidates", tiny_models_dir["saver"], "--dataset",
+             folders[name], "--split", "test[:50%]", "--shuffle-seed", "3", "--batch-size", "50", "--cache-dir",
+             str(tmp_path / "cache"), "--results-file", str(results_file), "--no-progress", *extra]
+        )  # fmt: skip
+        assert code == 0
+        results[name] = json.loads(results_file.read_text())
+    assert results["original"]["shuffle_seed"] == results["renamed"]["shuffle_seed"] == 3
+    assert results["renamed"]["base_accuracy"] == results["original"]["base_accuracy"]
+    expected = load_dataset_split(folders["original"], "test[:50%]", shuffle_seed=3)
+    base = record(
+        timm_classifier("test_resnet", seed=1, labels=dict(enumerate(CIFAR_NAMES))),
+        _processor(),
+        expected,
+        use_cache=False,
+        progress=False,
+    )
+    assert results["original"]["base_accuracy"] == base.accuracy
+
+
+def test_esn_train_takes_shuffle_seed_and_label_map(folders, tmp_path, capsys):
+    import torch
+
+    from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification
+
+    models = {}
+    for role, depth, seed in (("saver", 8, 0), ("base", 14, 1)):
+        torch.manual_seed(seed)
+        model = CifarResNetForImageClassification(CifarResNetConfig(depth=depth, widths=[8, 16, 16])).eval()
+        model.config.preprocessing = PREPROCESSING
+        model.save_pretrained(tmp_path / role)
+        models[role] = str(tmp_path / role)
+
+    def esn_train(dataset: str, name: str, *extra: str) -> int:
+        return tinysaver(
+            ["esn-train", "--saver", models["saver"], "--base", models["base"], "--dataset", dataset,
+             "--train-split", "test[:50%]", "--calib-split", "test[50%:75%]", "--eval-split", "test[75%:]",
+             "--shuffle-seed", "0", "--width", "16", "--layers", "1", "--heads", "2", "--epochs", "1", "-b", "32",
+             "--max-drop", "10", "--cache-dir", str(tmp_path / "cache"), "--results-file",
+             str(tmp_path / f"{name}.json"), "--quiet", *extra]
+        )  # fmt: skip
+
+    assert esn_train(folders["renamed"], "refused") == 2
+    assert "dataset class 0 'plane' vs model class 0 'airplane'" in capsys.readouterr().err
+    assert esn_train(folders["original"], "original") == 0
+    assert esn_train(folders["renamed"], "mapped", "--label-map", '{"plane": "airplane", "car": "automobile"}') == 0
+    original, mapped = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("original", "mapped"))
+    assert original["shuffle_seed"] == 0
+    assert mapped["tinysaver"]["calibration"] == original["tinysaver"]["calibration"]
+    assert mapped["esn"]["eval"]["base_accuracy"] == original["esn"]["eval"]["base_accuracy"]
