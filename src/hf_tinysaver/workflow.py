@@ -379,7 +379,9 @@ def evaluate_cascade(
     data, _, split = _resolve_dataset(source, split, fingerprint_files=False, shuffle_seed=shuffle_seed)
     image_column = _find_column(data, None, IMAGE_COLUMNS, "image", required=True)
     label_column = _find_column(data, None, LABEL_COLUMNS, "label", required=True)
-    labels, _ = dataset_labels(data, label_column, config.id2label, label_map, where=f"the split {split!r}")
+    labels, _ = dataset_labels(
+        data, label_column, config.id2label, label_map, where=f"the split {split!r}", model_description="the cascade"
+    )
     if labels is None:
         raise ValueError(f"Every label of the split {split!r} is -1 (no label); evaluating needs a labelled split.")
     cascade.eval()
