@@ -649,7 +649,7 @@ def tiny_dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_cifar")
     (root / "data").mkdir()
     features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"class_{i}" for i in range(10)])}
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CifarResNetConfig().id2label.values()))}
     )
     for split, count, seed in (("train", 48, 0), ("test", 32, 1)):
         images = random_images(count, sizes=((32, 32),), seed=seed)

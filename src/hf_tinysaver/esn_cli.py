@@ -26,6 +26,7 @@ from .esn import (
     search_exit_thresholds,
     train_exit_sequence,
 )
+from .labels import dataset_labels, warn_label_order
 from .modeling_tinysaver_esn import TinySaverESNForImageClassification
 from .storage import atomic_folder, check_output_folder, write_json_atomic
 from .workflow_cli import MAX_DROP_TYPE
@@ -61,6 +62,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--image-column", default="image")
     data.add_argument("--label-column", default="label")
+    data.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Apply a fixed random permutation (seed N) to each whole named split before its slice is taken, e.g. "
+        "for data stored sorted by label; 'test[:50%%]' and 'test[50%%:]' under one seed stay disjoint.",
+    )
+    data.add_argument(
+        "--label-map",
+        default=None,
+        metavar="JSON",
+        help="Dataset class -> model class, by index or name, as JSON text or a JSON file, for a dataset whose class "
+        "names differ from the base's id2label.",
+    )
     data.add_argument("--cache-dir", default=None, help="Feature cache (default: $TINYSAVER_CACHE/esn).")
 
     esn = parser.add_argument_group("ESN")
@@ -107,10 +123,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_split(dataset: str, split: str):
-    """A dataset split from a local folder, a zoo name or the Hub (offline: the local cache)."""
+def load_split(dataset: str, split: str, shuffle_seed: int | None = None):
+    """A dataset split from a local folder, a zoo name or the Hub (offline: the local cache).
+
+    With `shuffle_seed`, the whole named split is permuted with that seed before the slice is taken.
+    """
     import datasets
 
+    if shuffle_seed is not None:
+        from .workflow import load_dataset_split
+
+        return load_dataset_split(dataset, split, shuffle_seed=shuffle_seed)
     if os.path.isdir(dataset):
         return datasets.load_dataset(dataset, split=split)
     try:
@@ -148,9 +171,14 @@ def run(args: argparse.Namespace) -> int:
     say(f"exit stages {model.config.exit_stages}; relative MACs per answer point {model.config.relative_exit_macs}")
 
     def features_of(split: str):
-        dataset = load_split(args.dataset, split)
+        dataset = load_split(args.dataset, split, args.shuffle_seed)
         say(f"features of {args.dataset} {split} ({len(dataset)} images)")
-        return cached_exit_features(
+        labels, _ = dataset_labels(
+            dataset, args.label_column, model.config.id2label, args.label_map, where=f"the split {split!r}"
+        )
+        if labels is None:
+            raise ValueError(f"Every label of the split {split!r} is -1 (no label); the ESN needs labelled splits.")
+        features = cached_exit_features(
             model,
             dataset,
             cache_dir=args.cache_dir,
@@ -159,9 +187,13 @@ def run(args: argparse.Namespace) -> int:
             label_column=args.label_column,
             progress=not args.quiet,
         )
+        # The cache holds the dataset's own labels; the ESN trains and calibrates on the model's class ids.
+        features.labels = torch.as_tensor(labels, dtype=torch.long)
+        return features
 
     train_features = features_of(args.train_split)
     calib_features = features_of(args.calib_split)
+    warn_label_order(calib_features.labels.numpy(), len(model.config.id2label), args.calib_split)
     eval_features = features_of(args.eval_split) if args.eval_split else None
 
     losses = train_exit_sequence(
@@ -183,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
             "base": str(args.base),
             "dataset": str(args.dataset),
             "splits": {"train": args.train_split, "calib": args.calib_split, "eval": args.eval_split or None},
+            "shuffle_seed": args.shuffle_seed,
             "esn_shape": {
                 "width": args.width,
                 "layers": args.layers,
@@ -200,7 +233,13 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     model.config.calibration.update(
-        {"dataset": str(args.dataset), "split": args.calib_split, "saver": str(args.saver), "base": str(args.base)}
+        {
+            "dataset": str(args.dataset),
+            "split": args.calib_split,
+            "shuffle_seed": args.shuffle_seed,
+            "saver": str(args.saver),
+            "base": str(args.base),
+        }
     )
     if args.out:
         with atomic_folder(args.out, overwrite=args.overwrite, kind="esn", option="--out") as folder:

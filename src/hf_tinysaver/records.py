@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .calibration import CascadeSimulation, check_finite_logits
+from .labels import check_label_range, dataset_labels
 from .storage import write_file_atomic as _atomic_write
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class Records:
         split: The split string (e.g. `"test[:50%]"`), or None when a dataset object was given without one.
         preprocessing: Description of the preprocessing (the processor's `to_dict()` or the given dict).
         cache_key: The key under which these records are cached (None when caching was off).
+        shuffle_seed: The seed of the permutation applied to the split before slicing, or None.
     """
 
     logits: np.ndarray
@@ -145,6 +147,7 @@ class Records:
     split: str | None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     cache_key: str | None = None
+    shuffle_seed: int | None = None
 
     def __post_init__(self):
         self.logits = np.asarray(self.logits, dtype=np.float32)
@@ -254,18 +257,45 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _resolve_dataset(dataset: Any, split: str | None, fingerprint_files: bool = True):
-    """Returns `(datasets.Dataset, fingerprint, split)` for a local folder, a Hub id or a loaded dataset.
+def _load_shuffled_split(source: str, split: str, shuffle_seed: int):
+    """`split` of `source` taken from a fixed permutation of each named split (e.g. all of `test` for `test[:50%]`).
 
-    With `fingerprint_files=False` a local folder's files are not hashed (processes other than the main one only
-    need the data, not the cache key).
+    The slice syntax is parsed with `datasets.ReadInstruction`, so `test[:50%]` and `test[50%:]` under one seed are
+    disjoint and together the whole shuffled `test` split.
     """
     import datasets
 
+    try:
+        instruction = datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"Cannot read the split {split!r} ({error}); use e.g. 'test' or 'test[:50%]'.") from error
+    names = list(dict.fromkeys(part.splitname for part in instruction._relative_instructions))
+    whole = {name: datasets.load_dataset(source, split=name).shuffle(seed=shuffle_seed) for name in names}
+    parts = [
+        whole[part.splitname].select(range(part.from_, part.to))
+        for part in instruction.to_absolute({name: len(data) for name, data in whole.items()})
+    ]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _resolve_dataset(dataset: Any, split: str | None, fingerprint_files: bool = True, shuffle_seed: int | None = None):
+    """Returns `(datasets.Dataset, fingerprint, split)` for a local folder, a Hub id or a loaded dataset.
+
+    With `fingerprint_files=False` a local folder's files are not hashed (processes other than the main one only
+    need the data, not the cache key). With `shuffle_seed`, a folder's or Hub id's named split is permuted as a whole
+    before the slice is applied (see `_load_shuffled_split`); a loaded dataset is permuted as it is.
+    """
+    import datasets
+
+    if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+        raise ValueError(f"shuffle_seed must be an integer or None, got {shuffle_seed!r}.")
     if isinstance(dataset, (str, os.PathLike)):
         if split is None:
             raise ValueError(f"Name the split to record from {dataset!r}, e.g. split='test' or 'test[:50%]'.")
-        loaded = datasets.load_dataset(str(dataset), split=split)
+        if shuffle_seed is None:
+            loaded = datasets.load_dataset(str(dataset), split=split)
+        else:
+            loaded = _load_shuffled_split(str(dataset), split, shuffle_seed)
         fingerprint = loaded._fingerprint
         if fingerprint_files and os.path.isdir(dataset):
             fingerprint = hashlib.sha256(f"{fingerprint}|{folder_fingerprint(dataset)}".encode()).hexdigest()
@@ -278,6 +308,8 @@ def _resolve_dataset(dataset: Any, split: str | None, fingerprint_files: bool = 
         )
     if split is None and dataset.split is not None:
         split = str(dataset.split)
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed)
     return dataset, dataset._fingerprint, split
 
 
@@ -420,6 +452,9 @@ def record(
     num_workers: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
+    id2label: dict | None = None,
 ) -> Records:
     r"""
     Runs an image classifier over a dataset split and returns its per-sample logits, predictions and labels.
@@ -429,6 +464,10 @@ def record(
     without running the model. An interrupted call resumes from its last complete chunk of `chunk_batches`
     batches. Launched with `accelerate launch` or `torchrun`, the processes share the batches and every process
     returns the same records as a single-process run.
+
+    The labels are stored in the model's label space: a `ClassLabel` column's names are compared with the model's
+    `id2label` (the same names in another order are aligned by name, with a warning; other names are an error, see
+    [`~hf_tinysaver.labels.align_dataset_labels`]) and a label outside `[0, num_labels)` is an error naming its row.
 
     Args:
         model (`torch.nn.Module`):
@@ -467,6 +506,17 @@ def record(
             device (`PartialState().device`) in a distributed run; the model is moved there.
         progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm progress bar (on the main process only).
+        shuffle_seed (`int`, *optional*):
+            Apply a fixed random permutation (`datasets.Dataset.shuffle(seed=shuffle_seed)`) to the whole named
+            split before the slice in `split` is taken, so that `"test[:50%]"` and `"test[50%:]"` under one seed are
+            disjoint random halves even of data stored sorted by label. A loaded dataset is permuted as it is. Part
+            of the cache key and stored in the records.
+        label_map (`dict`, `list` or `str`, *optional*):
+            Dataset class -> model class (by index or name; a dict, a list, JSON text or a JSON file) for datasets
+            whose class names differ from the model's; see [`~hf_tinysaver.labels.align_dataset_labels`].
+        id2label (`dict`, *optional*):
+            The label space the labels are checked against and stored in; defaults to `model.config.id2label`. A
+            cascade's saver is recorded with the cascade's (the base's) `id2label`.
 
     Returns:
         [`Records`] in dataset order.
@@ -495,17 +545,32 @@ def record(
     if batch_size < 1 or chunk_batches < 1:
         raise ValueError(f"batch_size and chunk_batches must be positive, got {batch_size} and {chunk_batches}.")
     state = distributed_state()
-    data, fingerprint, split = _resolve_dataset(dataset, split, fingerprint_files=state.is_main_process)
+    data, fingerprint, split = _resolve_dataset(
+        dataset, split, fingerprint_files=state.is_main_process, shuffle_seed=shuffle_seed
+    )
     image_column = _find_column(data, image_column, IMAGE_COLUMNS, "image", required=True)
     label_column = _find_column(data, label_column, LABEL_COLUMNS, "label", required=False)
+    if model_name is None:
+        model_name = getattr(model, "name_or_path", None) or type(model).__name__
+    if id2label is None:
+        id2label = getattr(getattr(model, "config", None), "id2label", None)
+    labels, label_translation = None, None
+    if label_column is not None:
+        labels, label_translation = dataset_labels(
+            data,
+            label_column,
+            id2label,
+            label_map,
+            where=f"the split {split!r}"
+            + (f" (shuffled with seed {shuffle_seed})" if shuffle_seed is not None else ""),
+            model_description=str(model_name),
+        )
     description = _describe_preprocessing(processor, preprocessing)
     if use_cache and description is None:
         raise ValueError(
             "The processor has no `to_dict()`, so the cache cannot tell its preprocessing apart: pass "
             "`preprocessing=<dict describing it>` or `use_cache=False`."
         )
-    if model_name is None:
-        model_name = getattr(model, "name_or_path", None) or type(model).__name__
     if len(data) == 0:
         raise ValueError(f"The split {split!r} is empty.")
 
@@ -523,6 +588,11 @@ def record(
             "image_column": image_column,
             "label_column": label_column,
         }
+        # Only where they apply, so the keys of records without them stay as they were.
+        if shuffle_seed is not None:
+            key_fields["shuffle_seed"] = shuffle_seed
+        if label_translation is not None:
+            key_fields["label_translation"] = label_translation.tolist()
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:40]
     else:
         model_hash = None
@@ -530,29 +600,33 @@ def record(
     locked = state.is_main_process and use_cache
     with _key_lock(cache_root, key, str(model_name)) if locked else contextlib.nullcontext():
         return _record_key(
-            model,
-            processor,
-            data,
-            split,
-            fingerprint,
-            description,
-            image_column,
-            label_column,
-            str(model_name),
-            model_hash,
-            key,
-            state,
-            cache_root,
-            use_cache,
-            batch_size,
-            chunk_batches,
-            num_workers,
-            device,
-            progress,
+            model=model,
+            processor=processor,
+            data=data,
+            split=split,
+            fingerprint=fingerprint,
+            description=description,
+            image_column=image_column,
+            label_column=label_column,
+            model_name=str(model_name),
+            model_hash=model_hash,
+            key=key,
+            state=state,
+            cache_root=cache_root,
+            use_cache=use_cache,
+            batch_size=batch_size,
+            chunk_batches=chunk_batches,
+            num_workers=num_workers,
+            device=device,
+            progress=progress,
+            labels=labels,
+            shuffle_seed=shuffle_seed,
+            id2label=id2label,
         )
 
 
 def _record_key(
+    *,
     model,
     processor,
     data,
@@ -572,6 +646,9 @@ def _record_key(
     num_workers,
     device,
     progress,
+    labels,
+    shuffle_seed,
+    id2label,
 ) -> Records:
     """The rest of [`record`], with the key chosen (and, on the main process, locked)."""
     from accelerate.utils import broadcast_object_list, gather_object
@@ -593,7 +670,9 @@ def _record_key(
             logger.warning("Recording again: the cached records are damaged or not this key's (%s).", error)
     key, model_hash, hit = broadcast_object_list([key, model_hash, cached_records is not None])
     if hit:
-        return broadcast_object_list([cached_records])[0]
+        cached_records = broadcast_object_list([cached_records])[0]
+        _check_records_labels(cached_records, id2label, split)
+        return cached_records
 
     num_batches = math.ceil(len(data) / batch_size)
     chunks = [(start, min(start + chunk_batches, num_batches)) for start in range(0, num_batches, chunk_batches)]
@@ -680,7 +759,6 @@ def _record_key(
     records, refusal = None, None
     if state.is_main_process:
         logits = np.concatenate([computed[c] if c in computed else load_chunk(c) for c in chunks])
-        labels = np.asarray(data[label_column], dtype=np.int64) if label_column is not None else None
         try:
             records = Records(
                 logits=logits,
@@ -692,9 +770,11 @@ def _record_key(
                 split=split,
                 preprocessing=json.loads(json.dumps(description, default=str)) if description is not None else {},
                 cache_key=key if use_cache else None,
+                shuffle_seed=shuffle_seed,
             )
+            _check_records_labels(records, id2label, split)
         except ValueError as error:  # e.g. NaN logits: every process raises it, none waits for the records
-            refusal = str(error)
+            records, refusal = None, str(error)
         if use_cache and records is not None:
             records.save(cache_root / f"{key}.npz")
             shutil.rmtree(partial_dir, ignore_errors=True)
@@ -702,6 +782,12 @@ def _record_key(
     if refusal is not None:
         raise ValueError(refusal)
     return records
+
+
+def _check_records_labels(records: Records, id2label: dict | None, split: str | None) -> None:
+    """The range check for models without a config, whose number of classes is only known from their logits."""
+    if id2label is None and records.labels is not None:
+        check_label_range(records.labels, records.logits.shape[1], f"the split {split!r}")
 
 
 def pair_from_records(
@@ -726,14 +812,16 @@ def pair_from_records(
         A [`CascadeSimulation`] whose confidences are `compute_confidence` of the saver's float32 logits, as in the
         deployed cascade.
     """
-    if (saver_records.dataset_fingerprint, saver_records.split) != (
+    if (saver_records.dataset_fingerprint, saver_records.split, saver_records.shuffle_seed) != (
         base_records.dataset_fingerprint,
         base_records.split,
+        base_records.shuffle_seed,
     ) or saver_records.n != base_records.n:
         raise ValueError(
-            f"The saver was recorded on {saver_records.split!r} ({saver_records.n} rows, data "
-            f"{saver_records.dataset_fingerprint[:12]}) but the base on {base_records.split!r} ({base_records.n} "
-            f"rows, data {base_records.dataset_fingerprint[:12]}); record both on the same split."
+            f"The saver was recorded on {saver_records.split!r} (shuffle seed {saver_records.shuffle_seed}, "
+            f"{saver_records.n} rows, data {saver_records.dataset_fingerprint[:12]}) but the base on "
+            f"{base_records.split!r} (shuffle seed {base_records.shuffle_seed}, {base_records.n} rows, data "
+            f"{base_records.dataset_fingerprint[:12]}); record both on the same split."
         )
     labels = base_records.labels if base_records.labels is not None else saver_records.labels
     if saver_records.labels is not None and base_records.labels is not None:

@@ -301,6 +301,8 @@ class SearchResult:
         prescreen: Whether the pre-screen was on.
         dataset: Readable dataset name.
         split: The split.
+        shuffle_seed: The seed of the permutation applied to the split before slicing, or None.
+        label_map: The dataset class -> model class map the labels were read with, or None.
         scoring_seconds: Time spent scoring from records (recording excluded).
         simulations: Each ranked candidate's [`CascadeSimulation`] (not serialised).
         operating_points: Each ranked candidate's operating point per drop key (not serialised).
@@ -319,6 +321,8 @@ class SearchResult:
     prescreen: bool = False
     dataset: str | None = None
     split: str | None = None
+    shuffle_seed: int | None = None
+    label_map: Any = field(default=None, repr=False)
     scoring_seconds: float = 0.0
     simulations: dict[str, CascadeSimulation] = field(default_factory=dict, repr=False)
     operating_points: dict[str, dict[str, CalibrationResult | None]] = field(default_factory=dict, repr=False)
@@ -356,6 +360,7 @@ class SearchResult:
             "base_accuracy": self.base_accuracy,
             "dataset": self.dataset,
             "split": self.split,
+            "shuffle_seed": self.shuffle_seed,
             "n": self.n,
             "max_drops": list(self.max_drops),
             "primary_max_drop": self.primary_max_drop,
@@ -577,6 +582,7 @@ def rank_savers(
         confidence_level=confidence_level,
         prescreen=prescreen,
         split=base_records.split,
+        shuffle_seed=base_records.shuffle_seed,
     )
     best_name, best_value = None, math.inf
     scoring_seconds = 0.0
@@ -696,7 +702,9 @@ def _load_config(source: Any, assets: str | os.PathLike | None):
         raise unknown_model_error(source, error) from error
 
 
-def _record_model(source, role, model, data_source, split, batch_size, cache_dir, progress, name) -> Records:
+def _record_model(
+    source, role, model, data_source, split, batch_size, cache_dir, progress, name, shuffle_seed, label_map, id2label
+) -> Records:
     from .image_processing_tinysaver import TinySaverImageProcessor
     from .modeling_tinysaver import find_preprocessing
     from .records import record
@@ -712,6 +720,9 @@ def _record_model(source, role, model, data_source, split, batch_size, cache_dir
         preprocessing=preprocessing,
         model_name=name,
         progress=progress,
+        shuffle_seed=shuffle_seed,
+        label_map=label_map,
+        id2label=id2label,
     )
 
 
@@ -730,6 +741,8 @@ def search_savers(
     assets: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
 ) -> SearchResult:
     r"""
     Finds the saver that makes the cheapest TinySaver cascade for `base` among `candidates`, on a labelled split.
@@ -764,6 +777,11 @@ def search_savers(
             Images per forward pass when recording.
         assets, cache_dir, progress:
             As for [`record_sub_models`].
+        shuffle_seed (`int`, *optional*):
+            Permute the whole named split with this seed before the slice is taken (see [`record`]).
+        label_map (*optional*):
+            Dataset class -> model class for a dataset whose class names differ from the base's (see [`record`]).
+            Every candidate's labels are read in the base's label space.
 
     Returns:
         [`SearchResult`]; its `sources` let [`save_winning_cascade`] rebuild the winner.
@@ -797,7 +815,18 @@ def search_savers(
     if not base_macs:
         raise ValueError(f"Cannot tell the MACs of {base_name}; give them in the candidate table.")
     base_records = _record_model(
-        base, "base", base_model, data_source, split, batch_size, cache_dir, progress, base_name
+        base,
+        "base",
+        base_model,
+        data_source,
+        split,
+        batch_size,
+        cache_dir,
+        progress,
+        base_name,
+        shuffle_seed,
+        label_map,
+        base_model.config.id2label,
     )
     base_config = base_model.config
     del base_model
@@ -820,7 +849,20 @@ def search_savers(
 
         def record_candidate(source=source, name=name) -> Records:
             model = load_model(source, assets)
-            return _record_model(source, "saver", model, data_source, split, batch_size, cache_dir, progress, name)
+            return _record_model(
+                source,
+                "saver",
+                model,
+                data_source,
+                split,
+                batch_size,
+                cache_dir,
+                progress,
+                name,
+                shuffle_seed,
+                label_map,
+                base_config.id2label,
+            )
 
         saver_candidates.append(
             SaverCandidate(name, float(macs), record_candidate, accuracy=table.get(name, {}).get("accuracy"))
@@ -837,6 +879,7 @@ def search_savers(
         base_name=base_name,
     )
     result.dataset = dataset_name(dataset)
+    result.shuffle_seed, result.label_map = shuffle_seed, label_map
     result.sources, result.base_source, result.dataset_source = sources, base, dataset
     return result
 
@@ -915,6 +958,8 @@ def save_winning_cascade(
         progress=progress,
         max_drop=result.primary_max_drop,
         confidence_level=result.confidence_level,
+        shuffle_seed=result.shuffle_seed,
+        label_map=result.label_map,
     )
     cascade.config.calibration["search"] = {
         "ranking_rule": RANKING_RULE,

@@ -98,6 +98,8 @@ def run_search(args: argparse.Namespace) -> int:
         assets=args.assets,
         cache_dir=args.cache_dir,
         progress=args.progress,
+        shuffle_seed=args.shuffle_seed,
+        label_map=args.label_map,
     )
     is_main = distributed_state().is_main_process
     if is_main:

@@ -23,6 +23,7 @@ import torch
 from .calibration import CalibrationResult, CascadeSimulation, InfeasibleTargetError
 from .configuration_tinysaver import TINYSAVER_VERSION
 from .image_processing_tinysaver import TinySaverImageProcessor
+from .labels import dataset_labels, warn_label_order
 from .modeling_tinysaver import TinySaverForImageClassification
 from .records import (
     IMAGE_COLUMNS,
@@ -69,9 +70,17 @@ def resolve_dataset_source(dataset: Any, assets: str | os.PathLike | None = None
     return dataset
 
 
-def load_dataset_split(dataset: Any, split: str | None, assets: str | os.PathLike | None = None):
-    """Loads one split (with `datasets` slicing, e.g. `"test[50%:]"`) of a zoo, local or Hub dataset."""
-    return _resolve_dataset(resolve_dataset_source(dataset, assets), split, fingerprint_files=False)[0]
+def load_dataset_split(
+    dataset: Any, split: str | None, assets: str | os.PathLike | None = None, shuffle_seed: int | None = None
+):
+    """Loads one split (with `datasets` slicing, e.g. `"test[50%:]"`) of a zoo, local or Hub dataset.
+
+    With `shuffle_seed`, the whole named split is permuted with that seed before the slice is taken (as in
+    [`record`]).
+    """
+    return _resolve_dataset(
+        resolve_dataset_source(dataset, assets), split, fingerprint_files=False, shuffle_seed=shuffle_seed
+    )[0]
 
 
 def dataset_name(dataset: Any) -> str:
@@ -147,8 +156,15 @@ def record_sub_models(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
 ) -> tuple[Records, Records]:
-    """Records the cascade's saver and base, each with its own preprocessing, on one split (cached)."""
+    """Records the cascade's saver and base, each with its own preprocessing, on one split (cached).
+
+    Both records hold the labels in the cascade's label space (its `id2label`, the base's): the dataset's class
+    names are compared with it, not with the saver's own, whose predictions go through `label_mapping`.
+    `shuffle_seed` and `label_map` are as in [`record`].
+    """
     source = resolve_dataset_source(dataset, assets)
     outputs = []
     for role in ("saver", "base"):
@@ -165,6 +181,9 @@ def record_sub_models(
                 preprocessing=preprocessing,
                 model_name=getattr(cascade.config, f"{role}_config")._name_or_path or role,
                 progress=progress,
+                shuffle_seed=shuffle_seed,
+                label_map=label_map,
+                id2label=cascade.config.id2label,
             )
         )
     return outputs[0], outputs[1]
@@ -196,6 +215,8 @@ def calibrate_cascade(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     allow_no_savings: bool = False,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
     **objective_parameters,
 ) -> tuple[CalibrationResult, CascadeSimulation]:
     r"""
@@ -217,6 +238,11 @@ def calibrate_cascade(
             Accept an operating point that costs as much as the base alone or more (relative MACs >= 1), e.g. the
             threshold 1.0 ("nothing exits") that a guarantee falls back to on too few samples. Without it such a
             point raises [`InfeasibleTargetError`].
+        shuffle_seed (`int`, *optional*):
+            Permute the whole named split with this seed before the slice is taken (see [`record`]); recorded in
+            the calibration record. Use it on data stored sorted by label.
+        label_map (*optional*):
+            Dataset class -> model class for a dataset whose class names differ from the base's (see [`record`]).
         objective_parameters:
             `max_drop` (points), `exit_rate`, `relative_macs`, `max_disagreement`, `confidence_level`.
 
@@ -226,6 +252,9 @@ def calibrate_cascade(
     Raises:
         InfeasibleTargetError: When the chosen point saves nothing (relative MACs >= 1) and `allow_no_savings` is
             not set; the message says why and what would help. The cascade's config is left unchanged.
+
+    Warns (`UserWarning`) when the labelled split holds only part of the model's classes or its labels come sorted
+    or grouped (see [`~hf_tinysaver.labels.label_order_warnings`]): such a split cannot stand for deployment.
 
     Example:
 
@@ -242,8 +271,18 @@ def calibrate_cascade(
         raise ValueError(f"Unknown objective {objective!r}; choose one of {sorted(OBJECTIVE_PARAMETERS)}.")
     objective_parameters = {k: v for k, v in objective_parameters.items() if v is not None}
     saver_records, base_records = record_sub_models(
-        cascade, dataset, split, batch_size=batch_size, assets=assets, cache_dir=cache_dir, progress=progress
+        cascade,
+        dataset,
+        split,
+        batch_size=batch_size,
+        assets=assets,
+        cache_dir=cache_dir,
+        progress=progress,
+        shuffle_seed=shuffle_seed,
+        label_map=label_map,
     )
+    if distributed_state().is_main_process:
+        warn_label_order(base_records.labels, len(cascade.config.id2label), split)
     if fit_temperature:
         from .calibration import fit_temperature as fit
 
@@ -268,6 +307,7 @@ def calibrate_cascade(
         "confidence_temperature": cascade.config.confidence_temperature,
         "dataset": dataset_name(dataset),
         "split": split,
+        "shuffle_seed": shuffle_seed,
         "saver": cascade.config.saver_config._name_or_path or None,
         "base": cascade.config.base_config._name_or_path or None,
         "oracle_relative_macs": simulation.oracle_relative_macs(),
@@ -427,6 +467,8 @@ def evaluate_cascade(
     assets: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
 ) -> dict[str, Any]:
     r"""
     Runs the real cascade (not a simulation) over a split and measures what it does.
@@ -435,6 +477,9 @@ def evaluate_cascade(
     same numbers as a single-process run. The base alone is recorded too (cached), for `base_accuracy`, and the
     saver, so that the exit rate and accuracy the recorded simulation predicts for this threshold are reported
     beside the measured ones (they must match exactly).
+
+    The labels are read in the cascade's label space as in [`record`] (class names aligned, range checked);
+    `shuffle_seed` permutes the whole named split before the slice is taken.
 
     Returns:
         A dict with `accuracy`, `base_accuracy`, `exit_rate`, `agreement`, `relative_macs` (MACs actually spent / base
@@ -448,9 +493,14 @@ def evaluate_cascade(
         raise ValueError("The cascade has no MACs recorded in its config; rebuild it with from_saver_and_base.")
     state = distributed_state()
     source = resolve_dataset_source(dataset, assets)
-    data, _, split = _resolve_dataset(source, split, fingerprint_files=False)
+    data, _, split = _resolve_dataset(source, split, fingerprint_files=False, shuffle_seed=shuffle_seed)
     image_column = _find_column(data, None, IMAGE_COLUMNS, "image", required=True)
     label_column = _find_column(data, None, LABEL_COLUMNS, "label", required=True)
+    labels, _ = dataset_labels(
+        data, label_column, config.id2label, label_map, where=f"the split {split!r}", model_description="the cascade"
+    )
+    if labels is None:
+        raise ValueError(f"Every label of the split {split!r} is -1 (no label); evaluating needs a labelled split.")
     cascade.eval()
     processor = cascade.get_image_processor()
     num_batches = math.ceil(len(data) / batch_size)
@@ -476,10 +526,17 @@ def evaluate_cascade(
     predictions = np.concatenate([by_batch[i][0] for i in range(num_batches)])
     exited = np.concatenate([by_batch[i][1] for i in range(num_batches)])
     slowest_process_seconds = max(seconds for _, seconds in gathered)
-    labels = np.asarray(data[label_column], dtype=np.int64)
 
     saver_records, base_records = record_sub_models(
-        cascade, source, split, batch_size=batch_size, assets=assets, cache_dir=cache_dir, progress=progress
+        cascade,
+        source,
+        split,
+        batch_size=batch_size,
+        assets=assets,
+        cache_dir=cache_dir,
+        progress=progress,
+        shuffle_seed=shuffle_seed,
+        label_map=label_map,
     )
     metric = load_cascade_metric()
     scores = metric.compute(
@@ -505,6 +562,7 @@ def evaluate_cascade(
         "base_macs": config.base_macs,
         "dataset": dataset_name(dataset),
         "split": split,
+        "shuffle_seed": shuffle_seed,
         "processes": state.num_processes,
         "batch_size": batch_size,
         "simulated_exit_rate": simulated.exit_rate,

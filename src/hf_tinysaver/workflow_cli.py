@@ -84,6 +84,21 @@ def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | No
         required=default_split is None,
         help="Split with slicing, e.g. 'test[:50%%]'.",
     )
+    parser.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Apply a fixed random permutation (seed N) to the whole named split before --split's slice is taken, "
+        "e.g. for data stored sorted by label; 'test[:50%%]' and 'test[50%%:]' under one seed stay disjoint.",
+    )
+    parser.add_argument(
+        "--label-map",
+        default=None,
+        metavar="JSON",
+        help="Dataset class -> model class, by index or name, as JSON text or a JSON file (e.g. "
+        '\'{"plane": "airplane"}\'), for a dataset whose class names differ from the model\'s id2label.',
+    )
     parser.add_argument("--batch-size", "-b", type=int, default=64, help="Images per forward pass.")
     parser.add_argument(
         "--assets", default=None, help="Folder with the real weights and datasets (default: ../shared)."
@@ -208,8 +223,11 @@ def run_record(args: argparse.Namespace) -> int:
         preprocessing=preprocessing,
         model_name=args.model,
         progress=args.progress,
+        shuffle_seed=args.shuffle_seed,
+        label_map=args.label_map,
     )
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": records.n}
+    summary["shuffle_seed"] = args.shuffle_seed
     summary.update(accuracy=records.accuracy, cache_key=records.cache_key, num_labels=int(records.logits.shape[1]))
     if distributed_state().is_main_process:
         print(f"{args.model} on {args.dataset} {args.split}: n={records.n}", end="")
@@ -238,6 +256,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         progress=args.progress,
         allow_no_savings=args.allow_no_savings,
+        shuffle_seed=args.shuffle_seed,
+        label_map=args.label_map,
         **parameters,
     )
     if not distributed_state().is_main_process:
@@ -278,6 +298,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         assets=args.assets,
         cache_dir=args.cache_dir,
         progress=args.progress,
+        shuffle_seed=args.shuffle_seed,
+        label_map=args.label_map,
     )
     results["model"] = str(args.model)
     if distributed_state().is_main_process:
