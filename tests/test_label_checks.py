@@ -90,7 +90,7 @@ def _run_cli_subprocess(args: list[str]) -> subprocess.CompletedProcess:
 
 def _calibrate_args(models, dataset, out, cache, *extra) -> list[str]:
     return ["calibrate", "--saver", models["saver"], "--base", models["base"], "--dataset", dataset,
-            "--split", "test[:50%]", "--objective", "exit-rate", "--exit-rate", "0.5", "--batch-size", "50",
+            "--split", "test[:50%]", "--objective", "exit-rate", "--exit-rate", "0.9", "--batch-size", "50",
             "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]  # fmt: skip
 
 
@@ -282,7 +282,7 @@ def test_calibrate_warns_on_a_label_sorted_split_and_shuffle_seed_silences_it(fo
     # Through the Python API too, from the cached records.
     cascade = build_cascade(tiny_models_dir["saver"], tiny_models_dir["base"])
     with pytest.warns(UserWarning, match="sorted or grouped by label"):
-        calibrate_cascade(cascade, folders["sorted"], "test[:50%]", "exit-rate", exit_rate=0.5, progress=False,
+        calibrate_cascade(cascade, folders["sorted"], "test[:50%]", "exit-rate", exit_rate=0.9, progress=False,
                           cache_dir=tmp_path / "c")  # fmt: skip
 
 

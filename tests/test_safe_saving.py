@@ -36,7 +36,7 @@ from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
 
 SPLIT = "test[:256]"
 OLD_ARGS = ["-s", "cifar10-resnet20", "--objective", "max-drop", "--max-drop", "0.5"]
-NEW_ARGS = ["-s", "cifar10-resnet32", "--objective", "exit-rate", "--exit-rate", "0.5"]
+NEW_ARGS = ["-s", "cifar10-resnet32", "--objective", "exit-rate", "--exit-rate", "0.9"]
 CIFAR = requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
 
 

@@ -74,6 +74,15 @@ def one_line(error: BaseException) -> str:
     return message or type(error).__name__
 
 
+def disable_progress_bars() -> None:
+    """`--no-progress` / `--quiet`: silences the bars of transformers (weight loading) and huggingface_hub too."""
+    from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_hub_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one `tinysaver` command and returns its exit code.
 
@@ -83,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "progress", True) is False or getattr(args, "quiet", False):
+        disable_progress_bars()
     if args.debug:
         return int(args.func(args) or 0)
     try:

@@ -221,7 +221,6 @@ def push_cascade(
     '7f1d...'
     ```
     """
-    token = resolve_token(token, repo_id)
     with tempfile.TemporaryDirectory(prefix="tinysaver-push-") as staging:
         if isinstance(folder_or_model, (str, os.PathLike)):
             folder = Path(folder_or_model)
@@ -233,6 +232,7 @@ def push_cascade(
             folder_or_model.save_pretrained(folder, max_shard_size=max_shard_size)
             config = folder_or_model.config
         plot_file = _find_plot(folder, config, plot)
+        token = resolve_token(token, repo_id)  # after the local checks, which need no token
         plot_in_repo = plot_file[0] if plot_file is not None else None
         if card_data is None:
             card_data = TinySaverModelCardData.from_config(

@@ -91,20 +91,30 @@ def dataset_name(dataset: Any) -> str:
     return (getattr(info, "dataset_name", None) if info else None) or type(dataset).__name__
 
 
+def _edit_distance(first: str, second: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions."""
+    previous = list(range(len(second) + 1))
+    for i, first_char in enumerate(first, 1):
+        current = [i]
+        for j, second_char in enumerate(second, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (first_char != second_char)))
+        previous = current
+    return previous[-1]
+
+
 def unknown_model_error(name: str | os.PathLike, cause: BaseException | None = None) -> ValueError:
     """The error for a model name that is no zoo name, no local folder and no loadable Hub id.
 
     One line that names the three kinds of source, suggests the closest zoo name and lists them all.
     """
-    import difflib
-
     from huggingface_hub import constants
 
     from .zoo import ZOO
 
     name = str(name)
-    closest = difflib.get_close_matches(name, list(ZOO), n=1, cutoff=0.6)
-    hint = f" Did you mean {closest[0]!r}?" if closest else ""
+    distances = {zoo_name: _edit_distance(name.lower(), zoo_name) for zoo_name in ZOO}
+    closest = min(distances, key=distances.get)
+    hint = f" Did you mean {closest!r}?" if distances[closest] <= max(2, len(closest) // 4) else ""
     hub = "a Hub id reachable offline (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "a loadable Hub id"
     reason = ""
     if cause is not None and not constants.HF_HUB_OFFLINE:  # offline, the cause only says "cannot connect"
