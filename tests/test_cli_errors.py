@@ -18,7 +18,7 @@ TINYSAVER = shutil.which("tinysaver", path=str(Path(sys.executable).parent)) or 
 
 # One typical user error per subcommand: (arguments, text the message must hold). `{tmp}` is a scratch folder.
 CASES = {
-    "record-typo": (["record", "-m", "cifar10_resnet20", "-d", "cifar10", "--split", "test[:8]"], "cifar10-resnet20"),
+    "record-typo": (["record", "-m", "cifar10-resnet2O", "-d", "cifar10", "--split", "test[:8]"], "cifar10-resnet20"),
     "calibrate-unknown-saver": (
         ["calibrate", "--saver", "nonexistent-model", "--base", "cifar10-resnet56", "-d", "cifar10"]
         + ["--split", "test[:8]", "-o", "{tmp}/out"],
@@ -47,7 +47,7 @@ CASES = {
         "zoo",
     ),
     "zoo-export-unknown": (["zoo", "export", "resnet20", "{tmp}/export"], "Unknown zoo model"),
-    "push-missing-folder": (["push", "{tmp}/never-saved", "someone/cascade", "--token", "hf_x"], "never-saved"),
+    "push-missing-folder": (["push", "{tmp}/never-saved", "someone/cascade"], "never-saved"),
     "demo-missing-assets": (["demo", "--assets", "{tmp}/no-assets", "-o", "{tmp}/demo"], "--assets"),
 }
 
@@ -93,7 +93,7 @@ def test_a_user_error_is_one_line_with_exit_code_2(runs, case):
 def test_an_unknown_model_name_says_what_it_is_not_and_lists_the_zoo(runs):
     (message,) = [line for line in runs["record-typo"][1].splitlines() if line.startswith("tinysaver: error: ")]
     assert (
-        "'cifar10_resnet20' is neither a zoo name, nor a local model folder, nor a Hub id reachable offline" in message
+        "'cifar10-resnet2O' is neither a zoo name, nor a local model folder, nor a Hub id reachable offline" in message
     )
     assert "Did you mean 'cifar10-resnet20'?" in message
     assert all(name in message for name in ZOO)
