@@ -37,7 +37,7 @@ from .records import (
 
 OBJECTIVE_PARAMETERS = {
     "paper-no-loss": (),
-    "max-drop": ("max_drop", "confidence_level"),
+    "max-drop": ("max_drop", "confidence_level", "certificate"),
     "exit-rate": ("exit_rate",),
     "budget": ("relative_macs",),
     "agreement": ("max_disagreement", "confidence_level"),
@@ -200,7 +200,9 @@ def calibrate_cascade(
         fit_temperature (`bool`, *optional*, defaults to `False`):
             Fit the saver's confidence temperature on this split first (needs labels).
         objective_parameters:
-            `max_drop` (points), `exit_rate`, `relative_macs`, `max_disagreement`, `confidence_level`.
+            `max_drop` (points), `exit_rate`, `relative_macs`, `max_disagreement`, `confidence_level`,
+            `certificate` (max-drop with `confidence_level`: `"discordant-binomial"`, `"cp-difference"` or
+            `"clopper-pearson"`; the certificate and the certified points go into the calibration record).
 
     Returns:
         The calibrated operating point and the simulation it was chosen on.
