@@ -6,7 +6,8 @@ The pool is every recorded image of the task (CIFAR-10 `test`, 10,000 images; Im
 `hf_tinysaver.certification.CERTIFICATE_METHODS` at `--max-drop` points and `--confidence-level`, and measures at
 the chosen threshold the drop on the test part and the true drop on the whole pool. A violation is a split whose
 pool drop exceeds the target; a valid certificate has at most `1 - confidence_level` of them. The in-sample
-`max-drop` rule (no certificate) is the reference. Everything runs on the cached records (numpy), no model runs.
+`max-drop` rule (no certificate) is the reference. `plan` is the answer of `plan_calibration_size` with the whole
+pool as the pilot. Everything runs on the cached records (numpy), no model runs.
 
 Usage:
     python benchmarks/guarantee.py --task cifar10 --results-file benchmarks/results/guarantee_cifar10.json
@@ -25,7 +26,7 @@ import numpy as np
 from calibrate_evaluate import SAVERS
 
 from hf_tinysaver.calibration import CascadeSimulation, clopper_pearson_lower, clopper_pearson_upper
-from hf_tinysaver.certification import CERTIFICATE_METHODS, DEFAULT_CERTIFICATE
+from hf_tinysaver.certification import CERTIFICATE_METHODS, DEFAULT_CERTIFICATE, plan_calibration_size
 from hf_tinysaver.demo import DEMO_TASKS
 from hf_tinysaver.workflow import build_cascade, record_sub_models, simulation_for, write_json_atomic
 
@@ -82,7 +83,7 @@ def summarize(rows: list[dict], max_drop: float, confidence_level: float) -> dic
             float(clopper_pearson_lower(violations, splits, 1 - (1 - interval) / 2)),
             float(clopper_pearson_upper(violations, splits, 1 - (1 - interval) / 2)),
         ],
-        "valid": bool(violations / splits <= 1 - confidence_level),
+        "valid": bool(violations / splits <= round(1 - confidence_level, 12)),
         "mean_relative_macs": float(np.mean([row["pool_relative_macs"] for row in rows])),
         "mean_calibration_relative_macs": float(np.mean([row["calibration_relative_macs"] for row in rows])),
         "mean_exit_rate": float(np.mean([row["pool_exit_rate"] for row in rows])),
@@ -126,6 +127,10 @@ def run(args) -> dict:
             )
     summaries = {mode: summarize(rows[mode], args.max_drop, args.confidence_level) for mode in modes}
     reference = pool.calibrate("max-drop", max_drop=args.max_drop)
+    # The planner with the whole pool as the pilot: the size at which the default certificate lets the pool's
+    # in-sample share at half the target exit in 80 % of calibration sets.
+    plan_exit_rate = pool.calibrate("max-drop", max_drop=args.max_drop / 2).exit_rate
+    planned = plan_calibration_size(pool, args.max_drop, args.confidence_level, target_exit_rate=plan_exit_rate)
     results = {
         "command": "python " + " ".join(shlex.quote(part) for part in ["benchmarks/guarantee.py", *sys.argv[1:]]),
         "task": args.task,
@@ -140,13 +145,14 @@ def run(args) -> dict:
         "default_method": DEFAULT_CERTIFICATE,
         "pool_in_sample": {"relative_macs": reference.relative_macs, "exit_rate": reference.exit_rate},
         "methods": summaries,
+        "plan": {"pilot_n": pool.n, "target_exit_rate": plan_exit_rate, "power": 0.8, "calibration_size": planned},
         "seconds": time.perf_counter() - start,
     }
     if args.task == "cifar10" and size == CALIBRATION_SIZES["cifar10"]:
         default = summaries[DEFAULT_CERTIFICATE]
         results["goal"] = {
             "mean_relative_macs_at_most": CIFAR10_GOAL_RELATIVE_MACS,
-            "violation_rate_at_most": 1 - args.confidence_level,
+            "violation_rate_at_most": round(1 - args.confidence_level, 12),
             "met": bool(default["valid"] and default["mean_relative_macs"] <= CIFAR10_GOAL_RELATIVE_MACS),
         }
     return results
@@ -163,6 +169,7 @@ def main(argv=None) -> int:
             f"mean relative MACs {summary['mean_relative_macs']:.4f}, certified nothing "
             f"{100 * summary['certified_nothing_rate']:.1f} %"
         )
+    print(f"planned calibration size (pilot: the pool): {results['plan']['calibration_size']:,}")
     if "goal" in results:
         print(f"goal met: {results['goal']['met']}")
     return 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -110,8 +107,11 @@ def test_certificates_hold_by_simulation(bump, repeats):
         assert np.mean(exit_rates[method]) > 0.1, method  # still useful
     if not bump:
         assert failures["in-sample"] / repeats > 0.25
-    # The default certificate is the tightest of the three on this population too.
-    assert np.mean(exit_rates["discordant-binomial"]) >= np.mean(exit_rates["clopper-pearson"])
+    if not bump:
+        # Where the drop only grows, the default certificate lets more images exit than the original one. Over a
+        # bump the original can do better: its simultaneous bounds may certify points past the bump, which a
+        # fixed sequence, stopping at the bump, never reaches.
+        assert np.mean(exit_rates["discordant-binomial"]) > np.mean(exit_rates["clopper-pearson"])
 
 
 def test_fixed_sequence_stops_at_the_first_failure():
@@ -233,42 +233,25 @@ def test_calibrate_cli_writes_the_certificate(certified_cascade_dir):
 
 
 @pytest.mark.slow
-def test_set_operating_point_through_remote_code(certified_cascade_dir, tmp_path):
-    """A fresh process loads the saved cascade through its remote code and moves between certified points."""
+def test_set_operating_point_through_remote_code(certified_cascade_dir):
+    """The saved cascade, loaded through its remote code (the shipped files only), moves between certified points."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
     points = json.loads((certified_cascade_dir / "calibration.json").read_text())["certified_points"]
     middle = points[len(points) // 2]
-    script = f"""
-import json, sys
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained({str(certified_cascade_dir)!r}, trust_remote_code=True)
-answers = {{"module": type(model).__module__}}
-answers["budget"] = model.set_operating_point(relative_macs={middle["relative_macs"] + 1e-9!r})
-answers["threshold_after_budget"] = model.config.threshold
-answers["exit_rate"] = model.set_operating_point(exit_rate={middle["exit_rate"] - 1e-9!r})
-answers["threshold"] = model.set_operating_point(threshold={points[0]["threshold"]!r})
-try:
-    model.set_operating_point(relative_macs=0.01)
-except ValueError as error:
-    answers["error"] = str(error)
-try:
-    model.set_operating_point(relative_macs=0.5, exit_rate=0.5)
-except ValueError as error:
-    answers["two_requests"] = str(error)
-print(json.dumps(answers))
-"""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    config = json.loads((certified_cascade_dir / "config.json").read_text())
+    shipped = get_class_from_dynamic_module(
+        config["auto_map"]["AutoModelForImageClassification"], certified_cascade_dir
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    answers = json.loads(result.stdout.strip().splitlines()[-1])
-    assert answers["module"].startswith("transformers_modules")
-    assert answers["budget"] == middle and answers["threshold_after_budget"] == middle["threshold"]
-    assert answers["exit_rate"] == middle
-    assert answers["threshold"] == points[0]
-    assert "No certified operating point meets relative_macs=0.01" in answers["error"]
-    assert "Request a value in that range" in answers["error"]
-    assert "exactly one of" in answers["two_requests"]
+    model = shipped.from_pretrained(certified_cascade_dir)
+    assert type(model).__module__.startswith("transformers_modules")
+    assert model.set_operating_point(relative_macs=middle["relative_macs"] + 1e-9) == middle
+    assert model.config.threshold == middle["threshold"]
+    assert model.set_operating_point(exit_rate=middle["exit_rate"] - 1e-9) == middle
+    assert model.set_operating_point(threshold=points[0]["threshold"]) == points[0]
+    assert model.config.threshold == points[0]["threshold"]
+    with pytest.raises(ValueError, match="No certified operating point meets relative_macs=0.01.*in that range"):
+        model.set_operating_point(relative_macs=0.01)
 
 
 def test_set_operating_point_in_memory_and_its_errors():
@@ -326,3 +309,11 @@ def test_plan_cli(capsys, tmp_path):
     assert plan["pilot_n"] == 5000 and plan["max_drop"] == 0.5 and plan["confidence_level"] == 0.95
     assert plan["target_exit_rate"] < plan["pilot_in_sample_exit_rate"]
     assert f"needs about {plan['calibration_size']:,} calibration images" in capsys.readouterr().out
+
+
+def test_calibrate_cli_refuses_a_certificate_without_a_confidence_level(tmp_path, capsys):
+    arguments = ["calibrate", "--saver", "cifar10-resnet20", "--base", "cifar10-resnet56", "--dataset", "cifar10"]
+    arguments += ["--split", "test[:50%]", "--certificate", "cp-difference", "--out", str(tmp_path / "out")]
+    assert tinysaver(arguments) == 2
+    assert "--certificate applies to --objective max-drop with --confidence-level" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
