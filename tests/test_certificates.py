@@ -317,3 +317,25 @@ def test_calibrate_cli_refuses_a_certificate_without_a_confidence_level(tmp_path
     assert tinysaver(arguments) == 2
     assert "--certificate applies to --objective max-drop with --confidence-level" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _run_docstring_examples(*objects) -> None:
+    import doctest
+
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for obj in objects:
+        text = obj.__doc__.replace("```python", "").replace("```", "")
+        runner.run(parser.get_doctest(text, {}, obj.__name__, None, 0))
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_planner_docstring_example_runs():
+    _run_docstring_examples(plan_calibration_size)
+
+
+@pytest.mark.slow
+def test_set_operating_point_docstring_example_runs():
+    from hf_tinysaver import TinySaverForImageClassification
+
+    _run_docstring_examples(TinySaverForImageClassification.set_operating_point)

@@ -296,7 +296,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         >>> from hf_tinysaver.workflow import build_cascade, calibrate_cascade
 
         >>> cascade = build_cascade("cifar10-resnet20", "cifar10-resnet56")
-        >>> _ = calibrate_cascade(cascade, "cifar10", "test[:20%]", max_drop=1.0, confidence_level=0.9, progress=False)
+        >>> _ = calibrate_cascade(cascade, "cifar10", "test[:50%]", max_drop=1.0, confidence_level=0.9, progress=False)
         >>> point = cascade.set_operating_point(relative_macs=0.9)
         >>> point["relative_macs"] <= 0.9 and cascade.config.threshold == point["threshold"]
         True
