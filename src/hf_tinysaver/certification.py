@@ -289,8 +289,8 @@ def plan_calibration_size(
     if pilot_drop >= max_drop / 100.0 or point.exit_rate == 0:
         raise ValueError(
             f"The pilot's drop at exit rate {point.exit_rate:.4f} is {100 * pilot_drop:.3f} points, not below the "
-            f"target of {max_drop} points: no calibration size certifies it. Choose a lower target_exit_rate "
-            f"(e.g. {pilot.calibrate('max-drop', max_drop=max_drop / 2.0).exit_rate:.3f}) or a larger max_drop."
+            f"target of {max_drop} points: no calibration size certifies it. Choose a lower target exit rate "
+            f"(target_exit_rate=, --target-exit-rate; e.g. {pilot.calibrate('max-drop', max_drop=max_drop / 2.0).exit_rate:.3f}) or a larger max_drop."
         )
     rng = np.random.default_rng(seed)
     uniforms = np.clip(
