@@ -206,6 +206,71 @@ def section_tradeoff() -> str | None:
     )
 
 
+def section_guarantee() -> str | None:
+    rows = []
+    command, goal = None, None
+    for task in ("cifar10", "imagenet"):
+        data = load(f"guarantee_{task}.json")
+        if data is None:
+            continue
+        command = (
+            data["command"]
+            .replace(f"--task {task}", "--task {cifar10,imagenet}")
+            .replace(f"guarantee_{task}.json", "guarantee_{cifar10,imagenet}.json")
+        )
+        goal = data.get("goal") or goal
+        for method, summary in data["methods"].items():
+            low, high = summary["violation_rate_ci95"]
+            label = f"`{method}`" + (" (default)" if method == data["default_method"] else "")
+            rows.append(
+                [
+                    f"{data['saver']} → {data['base']}",
+                    f"{data['calibration_size']:,} of {data['pool_n']:,}",
+                    label,
+                    f"{pct(summary['violation_rate'], 1)} [{pct(low, 1)}, {pct(high, 1)}]",
+                    f"{summary['mean_relative_macs']:.3f}",
+                    f"{summary['mean_pool_drop']:+.2f}",
+                    f"{pct(summary['certified_nothing_rate'], 1)}",
+                ]
+            )
+    if not rows:
+        return None
+    header = ["cascade", "calibration images", "method", "violations % [95 % CI]", "mean rel. MACs",
+              "mean true drop", "certified nothing %"]  # fmt: skip
+    first = load("guarantee_cifar10.json") or load("guarantee_imagenet.json")
+    text = (
+        f"### Certified thresholds by simulation ({first['num_splits']:,} random calibration/test splits)\n\n"
+        f"`{command}`. Target: a drop of at most {first['max_drop']:g} points with probability "
+        f"{first['confidence_level']:g}. A violation is a split whose chosen threshold loses more than the target on "
+        "the whole recorded pool (the population); relative MACs and the true drop are measured on the pool too. "
+        "`in-sample` is the uncertified `max-drop` rule."
+    )
+    plans = []
+    for task in ("cifar10", "imagenet"):
+        data = load(f"guarantee_{task}.json")
+        if data is not None and "plan" in data:
+            plan = data["plan"]
+            plans.append(
+                f"{data['saver']} → {data['base']}: {plan['calibration_size']:,} images to let "
+                f"{pct(plan['target_exit_rate'], 1)} % exit"
+            )
+    if plans:
+        text += (
+            " `plan_calibration_size` with the whole pool as the pilot (the exit rate of its in-sample point at half "
+            "the target, 80 % of calibration sets passing): " + "; ".join(plans) + "."
+        )
+    cifar10 = load("guarantee_cifar10.json")
+    if goal is not None and cifar10 is not None:
+        verdict = "met" if goal["met"] else "missed"
+        default = cifar10["methods"][cifar10["default_method"]]
+        text += (
+            f" Goal on CIFAR-10 with 5,000 calibration images: mean relative MACs at most "
+            f"{goal['mean_relative_macs_at_most']:g} at violations at most {pct(goal['violation_rate_at_most'], 0)} "
+            f"%: **{verdict}** ({default['mean_relative_macs']:.4f} at {pct(default['violation_rate'], 1)} %)."
+        )
+    return text + "\n\n" + table(header, rows)
+
+
 def section_esn() -> str | None:
     data = load("esn_cifar10.json")
     if data is None:
@@ -306,6 +371,7 @@ SECTIONS: list[Callable[[], str | None]] = [
     section_calibrate_evaluate,
     section_search,
     section_tradeoff,
+    section_guarantee,
     section_esn,
     section_throughput,
 ]

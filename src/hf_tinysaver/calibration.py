@@ -28,6 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .certification import (
+    CERTIFICATE_METHODS,
+    DEFAULT_CERTIFICATE,
+    certificate_grid,
+    certificate_record,
+    certified_table,
+    certify_max_drop,
+    grid_counts,
+    plan_calibration_size,
+)
 from .confidence import compute_confidence
 from .configuration_tinysaver import validate_label_mapping, validate_threshold
 
@@ -517,7 +527,7 @@ class CascadeSimulation:
           less accurate than the base on the samples that exit stops the sweep, and the last passing `t` is
           returned (the official code reports the failing one, in `first_failing_threshold`). `grid_size=None`
           tries every distinct confidence instead. Fragile by design (see the design notes): prefer `max-drop`.
-        - `"max-drop"` (`max_drop`, `confidence_level=None`): the largest exit rate whose cascade accuracy is at
+        - `"max-drop"` (`max_drop`, `confidence_level=None`, `certificate=None`): the largest exit rate whose cascade accuracy is at
           most `max_drop` points (absolute top-1, e.g. 0.5) below the base's.
         - `"exit-rate"` (`exit_rate`): the smallest achievable exit rate of at least `exit_rate`.
         - `"budget"` (`relative_macs`): the smallest exit rate whose cost `relative_saver_macs + 1 - exit_rate` is
@@ -534,14 +544,21 @@ class CascadeSimulation:
           most `max_disagreement`. The rate only grows as the threshold falls, so a single binomial bound at the
           distribution's own crossing point covers any threshold chosen from the data: the guarantee is exact, with
           no correction for the many thresholds tried.
-        - `max-drop`: the drop is `harm - gain` (exited samples the base gets right and the saver wrong, minus the
-          reverse); both rates grow as the threshold falls. For each credit `c` in `GUARANTEE_CREDITS` (fixed in
-          advance), a point is admissible when the upper bound on `harm` is at most `max_drop / 100 + c` and the
-          lower bound on `gain` at least `c`; with the `2 * len(GUARANTEE_CREDITS) - 1` bounds each taken at
-          level `1 - (1 - confidence_level) / (2 * len(GUARANTEE_CREDITS) - 1)`, the union bound gives: with
-          probability at least `confidence_level`, the returned threshold's expected accuracy drop on the
-          distribution is at most `max_drop` points. "Nothing exits" (drop 0) is always admissible for
-          `max_drop >= 0`.
+        - `max-drop` (`certificate`, default `"discordant-binomial"`): with probability at least
+          `confidence_level` over the draw of the calibration samples, the returned threshold's expected accuracy
+          drop on the distribution is at most `max_drop` points. The default certificate tests a fixed, data-free
+          grid of thresholds from fewest exits to most, each with an exact test at the full level, and keeps
+          every threshold before the first failure (fixed-sequence testing, Learn-then-Test); see
+          `hf_tinysaver.certification` for the tests (`"discordant-binomial"`, `"cp-difference"`). The result's
+          `certificate` records method, target, level, n and the drop bound (points) at the chosen threshold;
+          `certified_points` lists every certified threshold (all valid at once), for
+          `TinySaverForImageClassification.set_operating_point`. `certificate="clopper-pearson"` is the original
+          guarantee: the drop is `harm - gain`, both rates grow as the threshold falls; for each credit `c` in
+          `GUARANTEE_CREDITS` (fixed in advance), a point is admissible when the upper bound on `harm` is at most
+          `max_drop / 100 + c` and the lower bound on `gain` at least `c`; with the
+          `2 * len(GUARANTEE_CREDITS) - 1` bounds each taken at level
+          `1 - (1 - confidence_level) / (2 * len(GUARANTEE_CREDITS) - 1)`, the union bound gives the same
+          guarantee. "Nothing exits" (drop 0) is always certified for `max_drop >= 0`.
 
         Both guarantees are about the rate on the distribution; a finite test set adds its own sampling noise. They
         assume the calibration samples are i.i.d. draws from the deployment distribution.
@@ -621,29 +638,37 @@ class CascadeSimulation:
             )
         return self._result(objective, int(indices[-1]), **params)
 
-    def _max_drop(self, max_drop: float, confidence_level: float | None = None) -> CalibrationResult:
+    def _max_drop(
+        self, max_drop: float, confidence_level: float | None = None, certificate: str | None = None
+    ) -> CalibrationResult:
         self._require_labels("max-drop")
         curve = self.curve
         max_drop = check_number("max_drop", max_drop, meaning="the allowed top-1 drop in points, e.g. 0.5")
         allowed_drop = max_drop / 100.0
         params = {"max_drop": max_drop, "confidence_level": confidence_level}
+        if certificate is not None and confidence_level is None:
+            raise ValueError(
+                f"certificate={certificate!r} needs a confidence_level (e.g. 0.95, --confidence-level 0.95)."
+            )
+        if confidence_level is not None:
+            _check_confidence_level(confidence_level)
+            certificate = DEFAULT_CERTIFICATE if certificate is None else certificate
+            if certificate not in CERTIFICATE_METHODS:
+                raise ValueError(f"Unknown certificate {certificate!r}; choose one of {CERTIFICATE_METHODS}.")
+            if certificate != "clopper-pearson":
+                threshold, record, table = certify_max_drop(self, max_drop, confidence_level, certificate)
+                point = int(np.searchsorted(self.curve.exited, np.count_nonzero(self.confidence > threshold)))
+                return self._result(
+                    "max-drop", point, threshold=threshold, certificate=record, certified_points=table, **params
+                )
         if confidence_level is None:
             # Compare integer counts: losses - wins <= max_drop% of n, with n * rate rounded off float noise.
             allowed_loss = math.floor(round(allowed_drop * self.n, 9))
             admissible = curve.harms - curve.gains <= allowed_loss
         else:
-            _check_confidence_level(confidence_level)
-            tests = 2 * len(GUARANTEE_CREDITS) - 1
-            level = 1.0 - (1.0 - confidence_level) / tests
-            credits = np.asarray(GUARANTEE_CREDITS)
-            max_harms = _largest_count_with_upper_at_most(allowed_drop + credits, self.n, level)
-            min_gains = _smallest_count_with_lower_at_least(credits, self.n, level)
-            admissible = np.zeros(len(curve), dtype=bool)
-            for max_harm, min_gain in zip(max_harms, min_gains, strict=True):
-                admissible |= (curve.harms <= max_harm) & (curve.gains >= min_gain)
-            admissible[0] |= allowed_drop >= 0
+            admissible, bounds = self._clopper_pearson_guarantee(allowed_drop, confidence_level)
         closest = int(np.argmax(curve.cascade_correct))
-        return self._pick_largest(
+        result = self._pick_largest(
             admissible,
             "max-drop",
             f"an accuracy drop of at most {max_drop} points"
@@ -652,6 +677,48 @@ class CascadeSimulation:
             "Allow a larger drop"
             + (", calibrate on more samples or lower confidence_level." if confidence_level is not None else "."),
             **params,
+        )
+        if confidence_level is not None:
+            self._add_clopper_pearson_certificate(result, admissible, bounds, float(max_drop), confidence_level)
+        return result
+
+    def _clopper_pearson_guarantee(self, allowed_drop: float, confidence_level: float):
+        """Admissible curve points of the original guarantee, and each point's smallest drop bound (fraction)."""
+        curve = self.curve
+        tests = 2 * len(GUARANTEE_CREDITS) - 1
+        level = 1.0 - (1.0 - confidence_level) / tests
+        credits = np.asarray(GUARANTEE_CREDITS)
+        max_harms = _largest_count_with_upper_at_most(allowed_drop + credits, self.n, level)
+        min_gains = _smallest_count_with_lower_at_least(credits, self.n, level)
+        admissible = np.zeros(len(curve), dtype=bool)
+        harm_upper = clopper_pearson_upper(curve.harms, self.n, level)
+        bounds = np.full(len(curve), np.inf)
+        for credit, max_harm, min_gain in zip(credits, max_harms, min_gains, strict=True):
+            admissible |= (curve.harms <= max_harm) & (curve.gains >= min_gain)
+            bounds = np.where(curve.gains >= min_gain, np.minimum(bounds, harm_upper - credit), bounds)
+        admissible[0] |= allowed_drop >= 0
+        bounds[0] = 0.0
+        return admissible, bounds
+
+    def _add_clopper_pearson_certificate(self, result, admissible, bounds, max_drop, confidence_level) -> None:
+        """Certificate record and table of the original guarantee: every admissible point is valid at once."""
+        point = int(np.searchsorted(self.curve.exited, round(result.exit_rate * self.n)))
+        # The table keeps the admissible points at the certificate grid's exit sets (plus the chosen one).
+        exited, _, _ = grid_counts(self, certificate_grid())
+        indices = np.unique(np.append(np.searchsorted(self.curve.exited, exited), point))
+        indices = indices[admissible[indices]]
+        curve = self.curve
+        result.parameters["certificate"] = certificate_record(
+            "clopper-pearson",
+            max_drop,
+            confidence_level,
+            self.n,
+            result.threshold,
+            bounds[point],
+            procedure="simultaneous (monotone harm and gain)",
+        )
+        result.parameters["certified_points"] = certified_table(
+            curve.thresholds[indices], curve.exited[indices], bounds[indices], self.n, self.relative_saver_macs
         )
 
     def _agreement(self, max_disagreement: float, confidence_level: float | None = None) -> CalibrationResult:
@@ -799,6 +866,8 @@ def fit_temperature(
 
 
 __all__ = [
+    "CERTIFICATE_METHODS",
+    "DEFAULT_CERTIFICATE",
     "GUARANTEE_CREDITS",
     "OBJECTIVES",
     "CalibrationResult",
@@ -813,4 +882,5 @@ __all__ = [
     "delta_c",
     "fit_temperature",
     "oracle_relative_macs",
+    "plan_calibration_size",
 ]

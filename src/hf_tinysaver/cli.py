@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "hf_tinysaver.demo",
     "hf_tinysaver.search_cli",
     "hf_tinysaver.esn_cli",
+    "hf_tinysaver.plan_cli",
 ]
 
 

@@ -457,6 +457,17 @@ class TinySaverModelCardData(ModelCardData):
             rows.append(("Agreement with the base model's predictions", _percent(record["agreement"])))
         if _is_number(record.get("confidence_level")):
             rows.append(("Confidence level of the accuracy guarantee", f"{record['confidence_level']:g}"))
+        certificate = record.get("certificate")
+        if isinstance(certificate, dict) and _is_number(certificate.get("bound")):
+            rows.append(
+                (
+                    "Certificate",
+                    f"drop at most {certificate['bound']:.3f} points (target {certificate['target']:g}) with "
+                    f"probability {certificate['level']:g}; `{certificate['method']}`, n={int(certificate['n']):,}",
+                )
+            )
+        if isinstance(record.get("certified_points"), list):
+            rows.append(("Certified operating points (`set_operating_point`)", str(len(record["certified_points"]))))
         if _is_number(record.get("relative_macs")):
             relative = record["relative_macs"]
             rows.append(("Relative MACs (cascade / base model)", f"{relative:.3f} ({100 * (relative - 1):+.1f} %)"))

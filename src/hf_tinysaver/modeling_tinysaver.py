@@ -262,6 +262,80 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             preprocessing=self.config.saver_preprocessing, base_preprocessing=self.config.base_preprocessing
         )
 
+    def set_operating_point(
+        self, relative_macs: float | None = None, exit_rate: float | None = None, threshold: float | None = None
+    ) -> dict[str, Any]:
+        r"""
+        Moves the cascade to another certified operating point, without recalibrating.
+
+        A cascade calibrated with a certificate (`max-drop` with `confidence_level`) keeps every threshold that passed
+        in `config.calibration["certified_points"]`; all of them hold the accuracy-drop target at once, so serving
+        may switch between them under load. Exactly one request:
+
+        - `relative_macs`: the most accurate certified point that costs at most this budget (the largest relative
+          MACs not above it).
+        - `exit_rate`: the certified point with the smallest exit rate of at least this (rates as measured on the
+          calibration set).
+        - `threshold`: a certified threshold itself (within 1e-12).
+
+        Args:
+            relative_macs (`float`, *optional*): Budget in base-model equivalents per image.
+            exit_rate (`float`, *optional*): Share of images that should exit at the saver.
+            threshold (`float`, *optional*): One of the certified thresholds.
+
+        Returns:
+            `dict`: The certified point now in use (`threshold`, `exit_rate`, `relative_macs`, `bound`); its
+            threshold is written to `config.threshold`.
+
+        Raises:
+            ValueError: When the cascade has no certified points, or none meets the request.
+
+        Example:
+
+        ```python
+        >>> from hf_tinysaver.workflow import build_cascade, calibrate_cascade
+
+        >>> cascade = build_cascade("cifar10-resnet20", "cifar10-resnet56")
+        >>> _ = calibrate_cascade(cascade, "cifar10", "test[:50%]", max_drop=1.0, confidence_level=0.9, progress=False)
+        >>> point = cascade.set_operating_point(relative_macs=0.9)
+        >>> point["relative_macs"] <= 0.9 and cascade.config.threshold == point["threshold"]
+        True
+        ```
+        """
+        requests = {"relative_macs": relative_macs, "exit_rate": exit_rate, "threshold": threshold}
+        given = {name: float(value) for name, value in requests.items() if value is not None}
+        if len(given) != 1:
+            raise ValueError(
+                "Pass exactly one of relative_macs=, exit_rate= or threshold= to set_operating_point, got "
+                f"{sorted(given) or 'none'}."
+            )
+        points = (self.config.calibration or {}).get("certified_points")
+        if not points:
+            raise ValueError(
+                "This cascade has no certified operating points; calibrate it with a certificate (max-drop with "
+                "confidence_level=..., `tinysaver calibrate --confidence-level 0.95`) first."
+            )
+        ((name, value),) = given.items()
+        if name == "relative_macs":
+            fitting = [point for point in points if point["relative_macs"] <= value + 1e-12]
+            chosen = max(fitting, key=lambda point: point["relative_macs"]) if fitting else None
+        elif name == "exit_rate":
+            fitting = [point for point in points if point["exit_rate"] >= value - 1e-12]
+            chosen = min(fitting, key=lambda point: point["exit_rate"]) if fitting else None
+        else:
+            fitting = [point for point in points if abs(point["threshold"] - value) <= 1e-12]
+            chosen = fitting[0] if fitting else None
+        if chosen is None:
+            low = min(point[name] for point in points)
+            high = max(point[name] for point in points)
+            raise ValueError(
+                f"No certified operating point meets {name}={value:g}: the certified points have {name} from "
+                f"{low:.6g} to {high:.6g}. Request a value in that range, or recalibrate on more images for cheaper "
+                "certified points."
+            )
+        self.config.threshold = float(chosen["threshold"])
+        return dict(chosen)
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Saves the cascade (config, both sub-models in one `model.safetensors`, remote code) and its processor."""
         super().save_pretrained(save_directory, *args, **kwargs)

@@ -45,7 +45,7 @@ FEW_CALIBRATION_SAMPLES = 100
 
 OBJECTIVE_PARAMETERS = {
     "paper-no-loss": (),
-    "max-drop": ("max_drop", "confidence_level"),
+    "max-drop": ("max_drop", "confidence_level", "certificate"),
     "exit-rate": ("exit_rate",),
     "budget": ("relative_macs",),
     "agreement": ("max_disagreement", "confidence_level"),
@@ -254,7 +254,9 @@ def calibrate_cascade(
         label_map (*optional*):
             Dataset class -> model class for a dataset whose class names differ from the base's (see [`record`]).
         objective_parameters:
-            `max_drop` (points), `exit_rate`, `relative_macs`, `max_disagreement`, `confidence_level`.
+            `max_drop` (points), `exit_rate`, `relative_macs`, `max_disagreement`, `confidence_level`,
+            `certificate` (max-drop with `confidence_level`: `"discordant-binomial"`, `"cp-difference"` or
+            `"clopper-pearson"`; the certificate and the certified points go into the calibration record).
 
     Returns:
         The calibrated operating point and the simulation it was chosen on.

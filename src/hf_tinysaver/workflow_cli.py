@@ -150,7 +150,13 @@ def add_parser(subparsers) -> None:
         "--confidence-level",
         type=CONFIDENCE_LEVEL_TYPE,
         default=None,
-        help="max-drop/agreement: hold the target on fresh data with this probability (Clopper-Pearson bound).",
+        help="max-drop/agreement: hold the target on fresh data with this probability (a certificate).",
+    )
+    calibrate_parser.add_argument(
+        "--certificate",
+        default=None,
+        choices=["discordant-binomial", "cp-difference", "clopper-pearson"],
+        help="max-drop with --confidence-level: the test behind the certificate (default: discordant-binomial).",
     )
     calibrate_parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
     calibrate_parser.add_argument(
@@ -190,7 +196,11 @@ def add_parser(subparsers) -> None:
 
 def _objective_parameters(args: argparse.Namespace) -> dict:
     parameters = {
-        "max-drop": {"max_drop": args.max_drop, "confidence_level": args.confidence_level},
+        "max-drop": {
+            "max_drop": args.max_drop,
+            "confidence_level": args.confidence_level,
+            "certificate": args.certificate,
+        },
         "exit-rate": {"exit_rate": args.exit_rate},
         "budget": {"relative_macs": args.budget},
         "agreement": {"max_disagreement": args.max_disagreement, "confidence_level": args.confidence_level},
@@ -198,7 +208,11 @@ def _objective_parameters(args: argparse.Namespace) -> dict:
     }[args.objective]
     if args.objective == "max-drop" and args.max_drop is None:
         parameters["max_drop"] = 0.5
-    missing = [name for name, value in parameters.items() if value is None and name != "confidence_level"]
+    if args.certificate is not None and (args.objective != "max-drop" or args.confidence_level is None):
+        raise ValueError("--certificate applies to --objective max-drop with --confidence-level (e.g. 0.95).")
+    missing = [
+        name for name, value in parameters.items() if value is None and name not in ("confidence_level", "certificate")
+    ]
     if missing:
         flags = ", ".join("--" + name.replace("_", "-").replace("relative-macs", "budget") for name in missing)
         raise ValueError(f"The {args.objective} objective needs {flags}.")

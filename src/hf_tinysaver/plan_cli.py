@@ -1,0 +1,90 @@
+"""`tinysaver plan`: how many calibration images a certified `max-drop` threshold needs, from a pilot split."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    from .workflow_cli import _add_data_arguments
+
+    parser = subparsers.add_parser(
+        "plan",
+        help="Plan the calibration size: how many images a certificate needs to let the pilot's share exit.",
+    )
+    parser.add_argument("--saver", "-s", required=True, help="Zoo name, local model folder or Hub id.")
+    parser.add_argument("--base", "-B", required=True, help="Zoo name, local model folder or Hub id.")
+    _add_data_arguments(parser)
+    parser.add_argument("--max-drop", type=float, default=0.5, help="Target top-1 drop in points.")
+    parser.add_argument("--confidence-level", type=float, default=0.95, help="Level of the certificate.")
+    parser.add_argument(
+        "--target-exit-rate",
+        type=float,
+        default=None,
+        help="Exit rate to certify (default: the pilot's in-sample exit rate at half the target drop).",
+    )
+    parser.add_argument(
+        "--certificate", default="discordant-binomial", choices=["discordant-binomial", "cp-difference"]
+    )
+    parser.add_argument("--power", type=float, default=0.8, help="Share of calibration sets that should pass.")
+    parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    parser.add_argument("--results-file", default=None, help="Write the plan as JSON here.")
+    parser.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .certification import plan_calibration_size
+    from .records import distributed_state
+    from .workflow import build_cascade, record_sub_models, simulation_for, write_json_atomic
+
+    cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
+    saver_records, base_records = record_sub_models(
+        cascade,
+        args.dataset,
+        args.split,
+        batch_size=args.batch_size,
+        assets=args.assets,
+        cache_dir=args.cache_dir,
+        progress=args.progress,
+    )
+    if saver_records.labels is None:
+        raise ValueError(f"Planning a certificate needs labels; the pilot split {args.split!r} has none.")
+    pilot = simulation_for(cascade, saver_records, base_records)
+    target_exit_rate = args.target_exit_rate
+    if target_exit_rate is None:
+        target_exit_rate = pilot.calibrate("max-drop", max_drop=args.max_drop / 2.0).exit_rate
+    size = plan_calibration_size(
+        pilot,
+        args.max_drop,
+        args.confidence_level,
+        target_exit_rate=target_exit_rate,
+        method=args.certificate,
+        power=args.power,
+    )
+    in_sample = pilot.calibrate("max-drop", max_drop=args.max_drop)
+    plan = {
+        "saver": args.saver,
+        "base": args.base,
+        "dataset": args.dataset,
+        "split": args.split,
+        "pilot_n": pilot.n,
+        "max_drop": args.max_drop,
+        "confidence_level": args.confidence_level,
+        "certificate": args.certificate,
+        "power": args.power,
+        "target_exit_rate": target_exit_rate,
+        "target_relative_macs": pilot.relative_saver_macs + 1.0 - target_exit_rate,
+        "pilot_in_sample_exit_rate": in_sample.exit_rate,
+        "calibration_size": size,
+    }
+    if distributed_state().is_main_process:
+        print(
+            f"A {args.certificate} certificate of at most {args.max_drop:g} points at confidence "
+            f"{args.confidence_level:g} needs about {size:,} calibration images to let {100 * target_exit_rate:.1f} % "
+            f"exit (relative MACs {plan['target_relative_macs']:.3f}) in {100 * args.power:.0f} % of calibration "
+            f"sets (pilot: {pilot.n:,} images, in-sample exit rate {100 * in_sample.exit_rate:.1f} % at "
+            f"{args.max_drop:g} points)."
+        )
+        if args.results_file:
+            write_json_atomic(args.results_file, plan)
+    return 0
