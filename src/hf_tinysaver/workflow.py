@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import CalibrationResult, CascadeSimulation, InfeasibleTargetError
+from .calibration import DEFAULT_CERTIFICATE, CalibrationResult, CascadeSimulation, InfeasibleTargetError
 from .configuration_tinysaver import TINYSAVER_VERSION
 from .image_processing_tinysaver import TinySaverImageProcessor
 from .labels import dataset_labels, warn_label_order
@@ -329,35 +329,21 @@ def calibrate_cascade(
     return result, simulation
 
 
-def _images_for_savings(simulation: CascadeSimulation, max_drop: float, confidence_level: float) -> int | None:
-    """About how many calibration images the max-drop guarantee needs before a saving point passes its bounds.
+def _images_for_savings(
+    simulation: CascadeSimulation, max_drop: float, confidence_level: float, certificate: str
+) -> int | None:
+    """About how many calibration images the certificate needs before a point that saves compute passes.
 
-    Scales this curve's counts (exits, harms, gains) to `k` times as many samples, as if the observed rates held,
-    and returns the smallest tried `k * n` at which a point with exit rate above the saver's share is admissible
-    (None when even 64 times as many are not enough).
+    [`plan_calibration_size`] on this split as the pilot; None where it cannot answer (the pilot's own drop is
+    too large, or the method is the original Clopper-Pearson guarantee, which the planner does not simulate).
     """
-    from .calibration import (
-        GUARANTEE_CREDITS,
-        _largest_count_with_upper_at_most,
-        _smallest_count_with_lower_at_least,
-    )
+    from .calibration import plan_calibration_size
 
-    curve = simulation.curve
-    saving = curve.exited > simulation.relative_saver_macs * simulation.n
-    if not saving.any():
+    try:
+        size = plan_calibration_size(simulation, max_drop, confidence_level, method=certificate, draws=1000)
+    except ValueError:
         return None
-    tests = 2 * len(GUARANTEE_CREDITS) - 1
-    level = 1.0 - (1.0 - confidence_level) / tests
-    credits = np.asarray(GUARANTEE_CREDITS)
-    for factor in (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
-        trials = int(math.ceil(factor * simulation.n))
-        scale = trials / simulation.n
-        harms, gains = np.round(curve.harms[saving] * scale), np.round(curve.gains[saving] * scale)
-        max_harms = _largest_count_with_upper_at_most(max_drop / 100.0 + credits, trials, level)
-        min_gains = _smallest_count_with_lower_at_least(credits, trials, level)
-        if any(np.any((harms <= h) & (gains >= g)) for h, g in zip(max_harms, min_gains, strict=True)):
-            return trials
-    return None
+    return size if size > simulation.n else None
 
 
 def _no_savings_message(simulation: CascadeSimulation, result: CalibrationResult, parameters: dict) -> str:
@@ -374,13 +360,14 @@ def _no_savings_message(simulation: CascadeSimulation, result: CalibrationResult
         helps.append("pick a saver with fewer MACs than the base")
     elif result.objective == "max-drop" and parameters.get("confidence_level") is not None:
         level, max_drop = parameters["confidence_level"], parameters["max_drop"]
+        certificate = parameters.get("certificate") or DEFAULT_CERTIFICATE
         why = (
-            f"With {result.n} samples the Clopper-Pearson bound at confidence {level} is too wide for any threshold "
-            f"that lets more than {100 * share:.1f} % of the samples exit (what pays for the saver) to keep the drop "
-            f"within {max_drop} points."
+            f"With {result.n} samples the {certificate} certificate at confidence {level} cannot certify any "
+            f"threshold that lets more than {100 * share:.1f} % of the samples exit (what pays for the saver) with "
+            f"the drop within {max_drop} points."
         )
-        needed = _images_for_savings(simulation, max_drop, level)
-        more = f" (about {needed} if the observed rates hold)" if needed is not None else ""
+        needed = _images_for_savings(simulation, max_drop, level, certificate)
+        more = f" (about {needed} if the observed rates hold; `tinysaver plan` tells more)" if needed else ""
         helps += [
             f"calibrate on more images{more}",
             "a lower confidence_level (--confidence-level)",
