@@ -278,8 +278,8 @@ class DriftGuard:
     >>> rng = np.random.default_rng(0)
     >>> confidence = np.where(rng.random(2000) < 0.5, 0.95, 0.3)  # half the images now fall below the threshold
     >>> _ = guard.update(confidence, confidence > 0.9, np.zeros(2000, dtype=int))
-    >>> alarms[0].statistic, alarms[0].direction
-    ('exit_rate', 'below')
+    >>> [(alarm.statistic, alarm.direction, alarm.images_seen) for alarm in alarms]
+    [('confidence', 'above', 9), ('exit_rate', 'below', 11)]
     >>> guard.counters["images"]
     2000
     ```
@@ -441,12 +441,18 @@ class DriftGuard:
         if self.cascade is not None and self._original_threshold is not None:
             self.cascade.config.threshold = self._original_threshold
 
-    def reset(self) -> None:
-        """Forgets everything seen (counts, tests, alarms), reseeds the audits and restores the threshold."""
+    def reset(self, seed: int | None = None) -> None:
+        """Forgets everything seen (counts, tests, alarms) and restores the threshold.
+
+        Args:
+            seed: Reseeds the audit draws; by default they continue where they were, so that successive streams
+                get independent audits.
+        """
         for monitored in self._all_monitored():
             for test in monitored.tests:
                 test.reset()
-        self._rng = np.random.default_rng(self.seed)
+        if seed is not None or not hasattr(self, "_rng"):
+            self._rng = np.random.default_rng(self.seed if seed is None else seed)
         self.images = 0
         self.exited = 0
         self.audited = 0
