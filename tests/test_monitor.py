@@ -137,6 +137,25 @@ def test_decisions_do_not_depend_on_batching():
     assert results[0] == results[1] == results[2]
 
 
+def test_reset_continues_the_audit_draws_unless_reseeded():
+    calibration = calibration_record()
+    confidence, saver, base = synthetic_outputs(2000, np.random.default_rng(9))
+    guard = DriftGuard(calibration, audit_fraction=0.1, seed=3)
+    audited = []
+    for seed in (None, None, 3):
+        guard.reset(seed=seed)
+        drawn_rows = []
+
+        def audit(drawn, drawn_rows=drawn_rows):
+            drawn_rows.append(drawn)
+            return base[drawn]
+
+        guard.update(confidence, confidence > THRESHOLD, saver, audit=audit)
+        audited.append(drawn_rows[0].tolist())
+    assert audited[0] != audited[1]  # a new stream gets new audits
+    assert audited[2] == audited[0]  # reseeding repeats them
+
+
 def test_alarm_callback_log_and_counters(caplog):
     received = []
     guard = DriftGuard(calibration_record(), audit_fraction=0.1, on_alarm=received.append, base_macs=1000)
