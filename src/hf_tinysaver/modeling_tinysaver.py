@@ -13,13 +13,14 @@ import copy
 import ctypes
 import os
 import platform
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
@@ -449,6 +450,40 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                 f"pixel_values has {pixel_values.shape[0]} images but base_pixel_values has {base_pixel_values.shape[0]}."
             )
 
+    def register_decision_hook(
+        self,
+        hook: Callable[
+            [TinySaverForImageClassification, torch.Tensor, torch.Tensor | None, TinySaverImageClassifierOutput], None
+        ],
+    ) -> RemovableHandle:
+        """Calls `hook` on every batch once the saver has decided which images exit, in `forward` and `forward_stream`.
+
+        The hook receives `(cascade, pixel_values, base_pixel_values, output)`: the batch's inputs (`base_pixel_values`
+        is `None` when `pixel_values` serves both sub-models) and its output, whose `exited`, `saver_confidence` and
+        `saver_logits` are set; in `forward_stream`, `output.logits` may still lack the base's answers, which arrive
+        later. It runs before the output is returned, so the inputs are still the caller's. Monitors such as
+        `hf_tinysaver.monitor.DriftGuard` attach here; the hook must not modify its arguments.
+
+        Args:
+            hook: The callable.
+
+        Returns:
+            A handle whose `remove()` detaches the hook.
+        """
+        hooks = self.__dict__.setdefault("_decision_hooks", OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
+    def _call_decision_hooks(
+        self,
+        pixel_values: torch.Tensor,
+        base_pixel_values: torch.Tensor | None,
+        output: TinySaverImageClassifierOutput,
+    ) -> None:
+        for hook in list(self.__dict__.get("_decision_hooks", {}).values()):
+            hook(self, pixel_values, base_pixel_values, output)
+
     def run_saver(
         self, pixel_values: torch.Tensor, threshold: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -523,12 +558,15 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
 
+        output = TinySaverImageClassifierOutput(
+            loss=loss, logits=logits, exited=exited, saver_confidence=saver_confidence, saver_logits=saver_logits
+        )
+        if self.__dict__.get("_decision_hooks"):
+            self._call_decision_hooks(pixel_values, base_pixel_values, output)
         if not return_dict:
             output = (logits, exited, saver_confidence, saver_logits)
             return ((loss,) + output) if loss is not None else output
-        return TinySaverImageClassifierOutput(
-            loss=loss, logits=logits, exited=exited, saver_confidence=saver_confidence, saver_logits=saver_logits
-        )
+        return output
 
     def forward_stream(
         self,
@@ -616,6 +654,8 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
                     saver_confidence=saver_confidence,
                     saver_logits=saver_logits,
                 )
+                if self.__dict__.get("_decision_hooks"):
+                    self._call_decision_hooks(pixel_values, base_pixel_values, output)
                 entry = [output, remaining_count]
                 waiting.append(entry)
                 if remaining_count > 0:

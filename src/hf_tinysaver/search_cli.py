@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
         "--confidence-level",
         type=CONFIDENCE_LEVEL_TYPE,
         default=None,
-        help="Score with max-drop's guarantee mode at this level (the default certificate of calibrate --confidence-level).",
+        help="Score with max-drop's certificate at this level (the default of calibrate --confidence-level).",
     )
     parser.add_argument(
         "--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"], help="Saver confidence metric."

@@ -323,6 +323,7 @@ def calibrate_cascade(
         "saver": cascade.config.saver_config._name_or_path or None,
         "base": cascade.config.base_config._name_or_path or None,
         "oracle_relative_macs": simulation.oracle_relative_macs(),
+        **drift_reference(simulation, result.threshold),
         "date": datetime.date.today().isoformat(),
         "hf_tinysaver_version": TINYSAVER_VERSION,
     }
@@ -396,6 +397,39 @@ def _no_savings_message(simulation: CascadeSimulation, result: CalibrationResult
         f"{point} {why} What would help: {', '.join(helps)}; or pass allow_no_savings=True (--allow-no-savings) "
         "to keep this point anyway."
     )
+
+
+# Nominal levels of the saver-confidence quantiles kept in the calibration record for drift monitoring.
+CONFIDENCE_QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def drift_reference(simulation: CascadeSimulation, threshold: float) -> dict[str, Any]:
+    """The calibration facts a deployed [`~hf_tinysaver.monitor.DriftGuard`] compares its stream against.
+
+    Args:
+        simulation: The calibration split's simulation.
+        threshold: The calibrated threshold (`confidence > threshold` exits).
+
+    Returns:
+        `confidence_quantiles` (the saver-confidence deciles and the exact fraction of calibration images at or below
+        each, a few numbers whatever the split's size), `exited` (calibration images that exit) and
+        `exited_disagreement` (the fraction of those on which saver and base predict differently; `None` when none
+        exit).
+    """
+    confidence = simulation.confidence
+    values = np.quantile(confidence, CONFIDENCE_QUANTILE_LEVELS, method="inverted_cdf")
+    exited = confidence > threshold
+    exited_count = int(np.count_nonzero(exited))
+    disagreements = int(np.count_nonzero(simulation.saver_predictions[exited] != simulation.base_predictions[exited]))
+    return {
+        "confidence_quantiles": {
+            "levels": list(CONFIDENCE_QUANTILE_LEVELS),
+            "values": [float(value) for value in values],
+            "fractions_at_or_below": [float(np.mean(confidence <= value)) for value in values],
+        },
+        "exited": exited_count,
+        "exited_disagreement": disagreements / exited_count if exited_count else None,
+    }
 
 
 def write_curve_csv(path: str | os.PathLike, simulation: CascadeSimulation) -> Path:
