@@ -307,8 +307,11 @@ def test_processor_handles_grayscale_rgba_and_arrays():
     values = processor(images=[gray, rgba, array], return_tensors="pt")["pixel_values"]
     assert values.shape == (3, 3, 24, 24)
     torch.testing.assert_close(values[0], values[2])
-    with pytest.raises(ValueError, match="uint8"):
-        processor(images=np.zeros((4, 4, 3), dtype=np.float32))
+    # Float pixels in 0..1 are scaled like transformers' rescaled images; values no image format holds are refused.
+    scaled = processor(images=[np.full((20, 30, 3), 128 / 255, dtype=np.float32)], return_tensors="pt")
+    torch.testing.assert_close(scaled["pixel_values"][0], values[2])
+    with pytest.raises(ValueError, match="must hold values in 0..1"):
+        processor(images=np.full((4, 4, 3), -1.0, dtype=np.float32))
 
 
 def test_optimize_for_inference_keeps_outputs_and_saves_plain_weights(mixed_pair, images, tmp_path):

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from .workflow_cli import _add_data_arguments
+    from .workflow_cli import CONFIDENCE_LEVEL_TYPE, FRACTION_TYPE, MAX_DROP_TYPE, _add_data_arguments
 
     parser = subparsers.add_parser(
         "plan",
@@ -15,11 +15,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--saver", "-s", required=True, help="Zoo name, local model folder or Hub id.")
     parser.add_argument("--base", "-B", required=True, help="Zoo name, local model folder or Hub id.")
     _add_data_arguments(parser)
-    parser.add_argument("--max-drop", type=float, default=0.5, help="Target top-1 drop in points.")
-    parser.add_argument("--confidence-level", type=float, default=0.95, help="Level of the certificate.")
+    parser.add_argument("--max-drop", type=MAX_DROP_TYPE, default=0.5, help="Target top-1 drop in points.")
+    parser.add_argument(
+        "--confidence-level", type=CONFIDENCE_LEVEL_TYPE, default=0.95, help="Level of the certificate."
+    )
     parser.add_argument(
         "--target-exit-rate",
-        type=float,
+        type=FRACTION_TYPE,
         default=None,
         help="Exit rate to certify (default: the pilot's in-sample exit rate at half the target drop).",
     )
@@ -46,6 +48,8 @@ def run_plan(args: argparse.Namespace) -> int:
         assets=args.assets,
         cache_dir=args.cache_dir,
         progress=args.progress,
+        shuffle_seed=args.shuffle_seed,
+        label_map=args.label_map,
     )
     if saver_records.labels is None:
         raise ValueError(f"Planning a certificate needs labels; the pilot split {args.split!r} has none.")
@@ -67,6 +71,7 @@ def run_plan(args: argparse.Namespace) -> int:
         "base": args.base,
         "dataset": args.dataset,
         "split": args.split,
+        "shuffle_seed": args.shuffle_seed,
         "pilot_n": pilot.n,
         "max_drop": args.max_drop,
         "confidence_level": args.confidence_level,
