@@ -191,6 +191,16 @@ def test_bad_inputs_say_what_to_do():
         {**calibration, "certified_points": [{"threshold": 0.8}, {"threshold": 0.9}]}, fallback="threshold"
     )
     assert strict.fallback_threshold == 0.9
+    # With the certificate's table (exit rates recorded, 1.0 always certified): about half the calibrated exits.
+    exit_rate = calibration["exit_rate"]
+    table = [
+        {"threshold": THRESHOLD, "exit_rate": exit_rate},
+        {"threshold": (THRESHOLD + 1) / 2, "exit_rate": exit_rate / 2},
+        {"threshold": (THRESHOLD + 3) / 4, "exit_rate": exit_rate / 8},
+        {"threshold": 1.0, "exit_rate": 0.0},
+    ]
+    halved = DriftGuard({**calibration, "certified_points": table}, fallback="threshold")
+    assert halved.fallback_threshold == (THRESHOLD + 1) / 2
     guard = DriftGuard(calibration, audit_fraction=1.0)
     with pytest.raises(ValueError, match="audit="):
         guard.update(np.array([0.99]), np.array([True]), np.array([1]))

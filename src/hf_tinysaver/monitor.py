@@ -237,10 +237,10 @@ class DriftGuard:
 
     On an alarm: `on_alarm(alarm)` is called with a [`DriftAlarm`], a warning is logged (once per statistic), and
     with `fallback="base"` the attached cascade's `config.threshold` is raised to 1.0 (no confidence is above it, so
-    every image goes to the base), with `fallback="threshold"` to `fallback_threshold` (by default the strictest
-    threshold among the calibration record's `certified_points`, when it has some). A `threshold=` passed to a call
-    still overrides `config.threshold`. `reset()` restores the threshold and starts over; `counters` can be read at
-    any time.
+    every image goes to the base), with `fallback="threshold"` to `fallback_threshold` (by default the certified
+    point above the calibrated threshold whose exit rate is nearest half the calibrated one, when the calibration
+    record has `certified_points`). A `threshold=` passed to a call still overrides `config.threshold`. `reset()`
+    restores the threshold and starts over; `counters` can be read at any time.
 
     Args:
         calibration (`Mapping`):
@@ -391,14 +391,25 @@ class DriftGuard:
                 raise ValueError("fallback_threshold is only used with fallback='threshold'; pass both or neither.")
             return None
         if fallback_threshold is None:
-            points = self.calibration.get("certified_points") or []
-            thresholds = [float(p["threshold"]) for p in points if isinstance(p, Mapping) and "threshold" in p]
-            if not thresholds:
+            points = [
+                point
+                for point in self.calibration.get("certified_points") or []
+                if isinstance(point, Mapping) and "threshold" in point and float(point["threshold"]) > self.threshold
+            ]
+            if not points:
                 raise ValueError(
                     "fallback='threshold' needs a stricter threshold: pass fallback_threshold=..., or calibrate with "
                     "certified points (the record's 'certified_points'), or use fallback='base'."
                 )
-            fallback_threshold = max(thresholds)
+            # The table always holds 1.0 (nothing exits, the same as fallback="base"): take the stricter certified
+            # point that lets about half as many images exit as the calibrated one, where exit rates are recorded.
+            with_rates = [point for point in points if point.get("exit_rate") is not None]
+            if with_rates:
+                half = float(self.calibration["exit_rate"]) / 2.0
+                chosen = min(with_rates, key=lambda point: abs(float(point["exit_rate"]) - half))
+                fallback_threshold = float(chosen["threshold"])
+            else:
+                fallback_threshold = max(float(point["threshold"]) for point in points)
         fallback_threshold = float(fallback_threshold)
         if not fallback_threshold > self.threshold:
             raise ValueError(
