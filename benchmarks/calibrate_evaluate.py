@@ -1,7 +1,8 @@
 """Calibrate on one half, evaluate the real cascade on the other: the `tinysaver calibrate` -> `evaluate` workflow.
 
-For each task, the cascade is calibrated with `max-drop` (in-sample) and with the same target under the
-Clopper-Pearson guarantee (`--confidence-level`), then each calibrated cascade is run for real on the held-out half.
+For each task, the cascade is calibrated with `max-drop` (in-sample) and with the same target certified at a
+confidence level (`--confidence-level`, calibrate's default certificate), then each calibrated cascade is run for real
+on the held-out half.
 
 Usage:
     python benchmarks/calibrate_evaluate.py --task cifar10 --results-file benchmarks/results/calibrate_evaluate_cifar10.json
@@ -78,6 +79,7 @@ def run(args) -> dict:
         evaluation = json.loads(evaluation_file.read_text())
         results["runs"][mode] = {
             "confidence_level": calibration.get("confidence_level"),
+            "certificate": (calibration.get("certificate") or {}).get("method"),
             "threshold": calibration["threshold"],
             "calibration": {
                 k: calibration[k] for k in ("n", "exit_rate", "accuracy", "base_accuracy", "relative_macs")

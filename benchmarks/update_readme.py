@@ -66,7 +66,9 @@ def section_calibrate_evaluate() -> str | None:
             continue
         for mode, run in data["runs"].items():
             held_out = run["held_out"]
-            label = "in-sample" if mode == "in_sample" else f"guarantee {run['confidence_level']:.0%}"
+            label = "in-sample" if mode == "in_sample" else f"certified {run['confidence_level']:.0%}"
+            if run.get("certificate"):
+                label += f" ({run['certificate']})"
             rows.append(
                 [
                     f"{data['saver']} → {data['base']}",

@@ -304,6 +304,8 @@ def test_imagenet_subset_is_in_random_order_and_a_sorted_copy_is_flagged():
     half = labels[: len(labels) // 2]
     messages = label_order_warnings(half, 1000, "validation[:50%]")
     assert len(messages) == 1 and f"holds {len(np.unique(half))} of the model's 1000 classes" in messages[0]
+    # As many classes as chance allows at this size: the advice is more images, not a shuffle.
+    assert "calibrate on more images (about 3,000" in messages[0] and "--shuffle-seed" not in messages[0]
     sorted_half = np.sort(labels)[: len(labels) // 2]
     messages = label_order_warnings(sorted_half, 1000, "validation[:50%]")
     assert "labels rise with the row (correlation 1.00)" in messages[-1]

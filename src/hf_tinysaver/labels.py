@@ -331,12 +331,17 @@ def label_order_warnings(labels: np.ndarray, num_labels: int, split: str | None 
     held = len(np.unique(labels))
     if held < num_labels:
         expected = num_labels * (1 - (1 - 1 / num_labels) ** n)
+        # As many classes as a random sample of this size holds: the split is too small, not sorted.
+        remedy = (
+            f"calibrate on more images (about {math.ceil(3 * num_labels):,} hold nearly every class)"
+            if held >= 0.95 * expected
+            else "if the dataset is stored sorted by label, pass --shuffle-seed N (shuffle_seed=N) to shuffle the "
+            "split before it is sliced"
+        )
         messages.append(
             f"{name} holds {held} of the model's {num_labels} classes (a random sample of {n} images spread over "
             f"all {num_labels} would hold about {expected:.0f}): the threshold is chosen on those classes only and "
-            "may not hold on the others. Calibrate on data that covers the classes the cascade will see; if the "
-            "dataset is stored sorted by label, pass --shuffle-seed N (shuffle_seed=N) to shuffle the split "
-            "before it is sliced."
+            f"may not hold on the others. Calibrate on data that covers the classes the cascade will see; {remedy}."
         )
     if n < _MIN_ROWS_FOR_ORDER or held < 2:
         return messages
