@@ -68,7 +68,7 @@ def section_calibrate_evaluate() -> str | None:
             held_out = run["held_out"]
             label = "in-sample" if mode == "in_sample" else f"certified {run['confidence_level']:.0%}"
             if run.get("certificate"):
-                label += f" ({run['certificate']})"
+                label += f", {run['certificate']}"
             rows.append(
                 [
                     f"{data['saver']} → {data['base']}",
