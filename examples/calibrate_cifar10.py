@@ -1,7 +1,7 @@
 """Calibrate a CIFAR-10 cascade on one half of the test set and check it, for real, on the other half.
 
 Prints the calibrated operating point (in-sample) and what the real cascade does on held-out images, optionally
-with the Clopper-Pearson guarantee that the held-out drop stays within target with the given probability.
+with a certified threshold: the drop on fresh data stays within target with the given probability.
 
     python examples/calibrate_cifar10.py --saver cifar10-resnet20 --base cifar10-resnet56 --max-drop 0.5 \
         [--confidence-level 0.95] [--limit 1000]
