@@ -183,6 +183,10 @@ def test_bad_inputs_say_what_to_do():
     with pytest.raises(ValueError, match="audit_fraction=0"):
         DriftGuard({key: value for key, value in calibration.items() if key != "exited_disagreement"})
     DriftGuard({key: value for key, value in calibration.items() if key != "exited_disagreement"}, audit_fraction=0)
+    nothing_exited = {**calibration, "exited": 0, "exited_disagreement": None}
+    with pytest.raises(ValueError, match="No calibration image exits .* audit_fraction=0"):
+        DriftGuard(nothing_exited)
+    DriftGuard(nothing_exited, audit_fraction=0)
     with pytest.raises(ValueError, match="not stricter"):
         DriftGuard(calibration, fallback="threshold", fallback_threshold=THRESHOLD - 0.1)
     with pytest.raises(ValueError, match="fallback_threshold"):

@@ -120,6 +120,17 @@ def _smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_lev
     return high
 
 
+def number_rule(
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> str:
+    """The rule [`check_number`] enforces, in words: `"in [0, 1]"`, `"> 0"` or `"a finite number"`."""
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return "a finite number"
+
+
 def check_number(
     name: str,
     value: Any,
@@ -143,13 +154,9 @@ def check_number(
     Returns:
         The value as a Python float.
     """
-    if low is not None and high is not None:
-        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        wanted = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        wanted = "a finite number"
-    description = f"{name} must be {wanted}" + (f" ({meaning})" if meaning else "")
+    description = f"{name} must be {number_rule(low, high, low_open, high_open)}" + (
+        f" ({meaning})" if meaning else ""
+    )
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

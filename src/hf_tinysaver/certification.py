@@ -213,6 +213,12 @@ def certify_max_drop(simulation, max_drop: float, confidence_level: float, metho
     return float(grid[chosen]), certificate, table
 
 
+def default_target_exit_rate(pilot, max_drop: float) -> float:
+    """The exit rate [`plan_calibration_size`] plans for by default: the pilot's in-sample `max-drop` point at half
+    the target drop (at the full target the pilot's drop equals it, and no finite size would certify it)."""
+    return pilot.calibrate("max-drop", max_drop=max_drop / 2.0).exit_rate
+
+
 def plan_calibration_size(
     pilot,
     max_drop: float,
@@ -271,16 +277,15 @@ def plan_calibration_size(
     True
     ```
     """
-    if not 0.0 < power < 1.0:
-        raise ValueError(f"power must be in (0, 1), e.g. 0.8; got {power}.")
-    if not 0.0 < confidence_level < 1.0:
-        raise ValueError(f"confidence_level must be in (0, 1), e.g. 0.95; got {confidence_level}.")
-    if not max_drop > 0:
-        raise ValueError(f"max_drop must be positive (points) to plan a certificate, got {max_drop}.")
+    from .calibration import check_number
+
+    power = check_number("power", power, 0.0, 1.0, low_open=True, high_open=True, meaning="e.g. 0.8")
+    confidence_level = check_number("confidence_level", confidence_level, 0.0, 1.0, True, True, "e.g. 0.95")
+    max_drop = check_number("max_drop", max_drop, 0.0, low_open=True, meaning="points, to plan a certificate")
     if target_exit_rate is None:
-        target_exit_rate = pilot.calibrate("max-drop", max_drop=max_drop / 2.0).exit_rate
-    elif not 0.0 < target_exit_rate <= 1.0:
-        raise ValueError(f"target_exit_rate must be in (0, 1], got {target_exit_rate}.")
+        target_exit_rate = default_target_exit_rate(pilot, max_drop)
+    else:
+        target_exit_rate = check_number("target_exit_rate", target_exit_rate, 0.0, 1.0, low_open=True)
     point = pilot.calibrate("exit-rate", exit_rate=target_exit_rate)
     curve = pilot.curve
     index = int(np.searchsorted(curve.exited, round(point.exit_rate * pilot.n)))
@@ -290,7 +295,8 @@ def plan_calibration_size(
         raise ValueError(
             f"The pilot's drop at exit rate {point.exit_rate:.4f} is {100 * pilot_drop:.3f} points, not below the "
             f"target of {max_drop} points: no calibration size certifies it. Choose a lower target exit rate "
-            f"(target_exit_rate=, --target-exit-rate; e.g. {pilot.calibrate('max-drop', max_drop=max_drop / 2.0).exit_rate:.3f}) or a larger max_drop."
+            f"(target_exit_rate=, --target-exit-rate; e.g. {default_target_exit_rate(pilot, max_drop):.3f}) or a larger "
+            "max_drop."
         )
     rng = np.random.default_rng(seed)
     uniforms = np.clip(

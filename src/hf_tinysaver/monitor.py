@@ -311,6 +311,11 @@ class DriftGuard:
             key for key in ("threshold", "n", "exit_rate", "confidence_quantiles") if calibration.get(key) is None
         ]
         if audit_fraction > 0:
+            if calibration.get("exited") == 0:
+                raise ValueError(
+                    "No calibration image exits at the calibrated threshold, so there is no disagreement rate to "
+                    "audit against: pass audit_fraction=0 (the label-free statistics still run)."
+                )
             missing += [key for key in ("exited", "exited_disagreement") if calibration.get(key) is None]
         if missing:
             raise ValueError(
@@ -368,7 +373,7 @@ class DriftGuard:
         if audit_fraction > 0:
             exited = int(calibration["exited"])
             reference = float(calibration["exited_disagreement"])
-            upper = clopper_pearson_upper(round(reference * exited), exited, 1 - family_alpha) if exited else 1.0
+            upper = clopper_pearson_upper(round(reference * exited), exited, 1 - family_alpha)
             self._disagreement = _Monitored(
                 "disagreement",
                 "saver-vs-base disagreement rate on audited exited images",

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from .workflow_cli import CONFIDENCE_LEVEL_TYPE, FRACTION_TYPE, MAX_DROP_TYPE, _add_data_arguments
+    from .workflow_cli import CONFIDENCE_LEVEL_TYPE, FRACTION_TYPE, MAX_DROP_TYPE, _add_data_arguments, number_type
+
+    power_type = number_type(0.0, 1.0, low_open=True, high_open=True, meaning="share of calibration sets, e.g. 0.8")
 
     parser = subparsers.add_parser(
         "plan",
@@ -28,14 +30,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--certificate", default="discordant-binomial", choices=["discordant-binomial", "cp-difference"]
     )
-    parser.add_argument("--power", type=float, default=0.8, help="Share of calibration sets that should pass.")
+    parser.add_argument("--power", type=power_type, default=0.8, help="Share of calibration sets that should pass.")
     parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
     parser.add_argument("--results-file", default=None, help="Write the plan as JSON here.")
     parser.set_defaults(func=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .certification import plan_calibration_size
+    from .certification import default_target_exit_rate, plan_calibration_size
     from .records import distributed_state
     from .workflow import build_cascade, record_sub_models, simulation_for, write_json_atomic
 
@@ -56,7 +58,7 @@ def run_plan(args: argparse.Namespace) -> int:
     pilot = simulation_for(cascade, saver_records, base_records)
     target_exit_rate = args.target_exit_rate
     if target_exit_rate is None:
-        target_exit_rate = pilot.calibrate("max-drop", max_drop=args.max_drop / 2.0).exit_rate
+        target_exit_rate = default_target_exit_rate(pilot, args.max_drop)
     size = plan_calibration_size(
         pilot,
         args.max_drop,

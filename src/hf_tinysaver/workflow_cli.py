@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable
 
@@ -27,26 +26,17 @@ def number_type(
     Returns:
         The parser, which raises `argparse.ArgumentTypeError` (argparse's usage error, exit code 2) with the rule.
     """
-    if low is not None and high is not None:
-        wanted = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
-    else:
-        wanted = "a finite number"
-    wanted += f" ({meaning})" if meaning else ""
 
     def parse(text: str) -> float:
+        from .calibration import check_number, number_rule  # on use: building the parser stays light
+
         try:
-            value = float(text)
+            return check_number("value", float(text), low, high, low_open, high_open)
         except ValueError:
+            rule = number_rule(low, high, low_open, high_open)
+            wanted = rule if rule == "a finite number" else f"a finite number {rule}"
+            wanted += f" ({meaning})" if meaning else ""
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if (
-            not math.isfinite(value)
-            or (low is not None and (value <= low if low_open else value < low))
-            or (high is not None and (value >= high if high_open else value > high))
-        ):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
 
     return parse
 
