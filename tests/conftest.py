@@ -99,3 +99,32 @@ def tiny_cascade_dir(tmp_path_factory, tiny_dataset):
     cascade.config.threshold = float(confidence.median())  # about half of the images exit
     cascade.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tmp_path_factory):
+    """A local server speaking the Hub's HTTP API on 127.0.0.1, one per test module."""
+    from hf_tinysaver.testing import FakeHub
+
+    with FakeHub(tmp_path_factory.mktemp("fake_hub")) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def hub_env(fake_hub, tmp_path_factory):
+    """The real huggingface_hub client pointed at `fake_hub`, logged in with its token."""
+    from hf_tinysaver.testing import DEFAULT_TOKEN
+
+    with fake_hub.client_environment(tmp_path_factory.mktemp("hf_home"), token=DEFAULT_TOKEN) as environment:
+        yield environment
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models
+    gain nothing from threads, and on a loaded CI machine OpenMP's spinning makes a 2-thread forward pass up to ~50x
+    slower than a 1-thread one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 from conftest import BLOCK_HF_TINYSAVER
 from hf_tinysaver import TinySaverForImageClassification
 from hf_tinysaver.hub import HubPushError, push_cascade
-from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
+from hf_tinysaver.testing import DEFAULT_TOKEN
 from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing, tiny_vit_processor
 
 REPO_ID = "tester/tiny-cascade"
@@ -64,18 +64,6 @@ def write_plot(path: Path) -> Path:
 
 def local_files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
-
-
-@pytest.fixture(scope="module")
-def fake_hub(tmp_path_factory):
-    with FakeHub(tmp_path_factory.mktemp("fake_hub")) as hub:
-        yield hub
-
-
-@pytest.fixture(scope="module")
-def hub_env(fake_hub, tmp_path_factory):
-    with fake_hub.client_environment(tmp_path_factory.mktemp("hf_home"), token=DEFAULT_TOKEN) as environment:
-        yield environment
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,7 @@ def write_parquet_folder(folder: Path, count: int = NUM_IMAGES, seed: int = 0, w
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a loaded CI machine OpenMP's spinning makes a 2-thread forward
-    # pass up to ~50x slower than a 1-thread one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from hf_tinysaver.storage import (
     current_umask,
     write_json_atomic,
 )
-from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
 
 SPLIT = "test[:256]"
 OLD_ARGS = ["-s", "cifar10-resnet20", "--objective", "max-drop", "--max-drop", "0.5"]
@@ -434,18 +433,6 @@ def test_sigkill_of_the_console_script_in_the_save_phase(references, records_cac
 
 
 # ------------------------------------------------------------------------------ push uploads only its own files
-
-
-@pytest.fixture(scope="module")
-def fake_hub(tmp_path_factory):
-    with FakeHub(tmp_path_factory.mktemp("fake_hub")) as hub:
-        yield hub
-
-
-@pytest.fixture(scope="module")
-def hub_env(fake_hub, tmp_path_factory):
-    with fake_hub.client_environment(tmp_path_factory.mktemp("hf_home"), token=DEFAULT_TOKEN) as environment:
-        yield environment
 
 
 @pytest.fixture(scope="module")

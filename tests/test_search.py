@@ -32,12 +32,7 @@ NUM_LABELS = 10
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_records(name: str, labels: np.ndarray, signal: float, seed: int, coarse: bool = True) -> Records:

@@ -40,19 +40,10 @@ def run_plan(args: argparse.Namespace) -> int:
     from .certification import default_target_exit_rate, plan_calibration_size
     from .records import distributed_state
     from .workflow import build_cascade, record_sub_models, simulation_for, write_json_atomic
+    from .workflow_cli import data_options
 
     cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
-    saver_records, base_records = record_sub_models(
-        cascade,
-        args.dataset,
-        args.split,
-        batch_size=args.batch_size,
-        assets=args.assets,
-        cache_dir=args.cache_dir,
-        progress=args.progress,
-        shuffle_seed=args.shuffle_seed,
-        label_map=args.label_map,
-    )
+    saver_records, base_records = record_sub_models(cascade, args.dataset, args.split, **data_options(args))
     if saver_records.labels is None:
         raise ValueError(f"Planning a certificate needs labels; the pilot split {args.split!r} has none.")
     pilot = simulation_for(cascade, saver_records, base_records)

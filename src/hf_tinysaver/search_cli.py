@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .workflow_cli import CONFIDENCE_LEVEL_TYPE, MAX_DROP_TYPE, _add_data_arguments
+from .workflow_cli import CONFIDENCE_LEVEL_TYPE, MAX_DROP_TYPE, _add_data_arguments, data_options
 
 
 def add_parser(subparsers) -> None:
@@ -94,12 +94,7 @@ def run_search(args: argparse.Namespace) -> int:
         confidence_level=args.confidence_level,
         prescreen=args.prescreen,
         candidate_table=args.candidate_table,
-        batch_size=args.batch_size,
-        assets=args.assets,
-        cache_dir=args.cache_dir,
-        progress=args.progress,
-        shuffle_seed=args.shuffle_seed,
-        label_map=args.label_map,
+        **data_options(args),
     )
     is_main = distributed_state().is_main_process
     if is_main:

@@ -61,6 +61,19 @@ FRACTION_TYPE = number_type(0.0, 1.0, meaning="a fraction of the images")
 CONFIDENCE_LEVEL_TYPE = number_type(0.0, 1.0, low_open=True, high_open=True, meaning="a probability, e.g. 0.95")
 
 
+def data_options(args: argparse.Namespace) -> dict:
+    """What the arguments of [`_add_data_arguments`] mean to the workflow functions (`record_sub_models`,
+    `calibrate_cascade`, `evaluate_cascade`, `search_savers`), as keyword arguments: one place to pass them on."""
+    return {
+        "batch_size": args.batch_size,
+        "assets": args.assets,
+        "cache_dir": args.cache_dir,
+        "progress": args.progress,
+        "shuffle_seed": args.shuffle_seed,
+        "label_map": args.label_map,
+    }
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str | None = None) -> None:
     parser.add_argument(
         "--dataset",
@@ -255,13 +268,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.split,
         objective=args.objective,
         fit_temperature=args.fit_temperature,
-        batch_size=args.batch_size,
-        assets=args.assets,
-        cache_dir=args.cache_dir,
-        progress=args.progress,
         allow_no_savings=args.allow_no_savings,
-        shuffle_seed=args.shuffle_seed,
-        label_map=args.label_map,
+        **data_options(args),
         **parameters,
     )
     if not distributed_state().is_main_process:
@@ -294,17 +302,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         ) from error
     if args.threshold is not None:
         cascade.config.threshold = args.threshold
-    results = evaluate_cascade(
-        cascade,
-        args.dataset,
-        args.split,
-        batch_size=args.batch_size,
-        assets=args.assets,
-        cache_dir=args.cache_dir,
-        progress=args.progress,
-        shuffle_seed=args.shuffle_seed,
-        label_map=args.label_map,
-    )
+    results = evaluate_cascade(cascade, args.dataset, args.split, **data_options(args))
     results["model"] = str(args.model)
     if distributed_state().is_main_process:
         print(
