@@ -16,9 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from hf_tinysaver.cli import main as tinysaver
-from hf_tinysaver.demo import DEMO_TASKS
-from hf_tinysaver.workflow import write_json_atomic
+from hf_tinysaver.commands import main as tinysaver
+from hf_tinysaver.workflows.cascade import write_json_atomic
+from hf_tinysaver.workflows.demo import DEMO_TASKS
 
 # The demo's models and halves; the saver of each pair is the one the search benchmark picks among the MobileNets.
 SAVERS = {"cifar10": "cifar10-resnet20", "imagenet": "mobilenet-v2-1.0-224"}

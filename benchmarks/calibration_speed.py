@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_tinysaver.calibration import CascadeSimulation
+from hf_tinysaver.calibration.simulation import CascadeSimulation
 
 PLAIN_OBJECTIVES = [
     ("paper-no-loss", {}),

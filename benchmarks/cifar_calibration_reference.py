@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverImageProcessor
-from hf_tinysaver.calibration import CascadeSimulation
+from hf_tinysaver.calibration.simulation import CascadeSimulation
 from hf_tinysaver.records import pair_from_records, record
 
 PREPROCESSING = {

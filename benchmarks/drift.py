@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from hf_tinysaver.monitor import DriftGuard
-from hf_tinysaver.workflow import build_cascade, calibrate_cascade, load_dataset_split, write_json_atomic
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade, load_dataset_split, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TINYSAVER_DRIFT_CACHE", Path.home() / ".cache" / "hf_tinysaver" / "drift"))

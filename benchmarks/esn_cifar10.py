@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverESNForImageClassification
-from hf_tinysaver.calibration import CascadeSimulation
-from hf_tinysaver.esn import cached_exit_features, train_exit_sequence, write_json_atomic
-from hf_tinysaver.esn_cli import calibrate_and_evaluate
+from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.commands.esn import calibrate_and_evaluate
+from hf_tinysaver.workflows.esn import cached_exit_features, train_exit_sequence, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYSAVER_ASSETS", REPO_ROOT.parent / "shared"))

@@ -3,7 +3,7 @@
 The pool is every recorded image of the task (CIFAR-10 `test`, 10,000 images; ImageNet `imagenet-val-1300`
 `validation`, 1,300 images), taken as the population. Each split draws `--calibration-size` images for calibration
 (without replacement; the rest is the test part), certifies the threshold with every method of
-`hf_tinysaver.certification.CERTIFICATE_METHODS` at `--max-drop` points and `--confidence-level`, and measures at
+`hf_tinysaver.calibration.certification.CERTIFICATE_METHODS` at `--max-drop` points and `--confidence-level`, and measures at
 the chosen threshold the drop on the test part and the true drop on the whole pool. A violation is a split whose
 pool drop exceeds the target; a valid certificate has at most `1 - confidence_level` of them. The in-sample
 `max-drop` rule (no certificate) is the reference. `plan` is the answer of `plan_calibration_size` with the whole
@@ -25,10 +25,10 @@ import time
 import numpy as np
 from calibrate_evaluate import SAVERS
 
-from hf_tinysaver.calibration import CascadeSimulation, clopper_pearson_lower, clopper_pearson_upper
-from hf_tinysaver.certification import CERTIFICATE_METHODS, DEFAULT_CERTIFICATE, plan_calibration_size
-from hf_tinysaver.demo import DEMO_TASKS
-from hf_tinysaver.workflow import build_cascade, record_sub_models, simulation_for, write_json_atomic
+from hf_tinysaver.calibration.certification import CERTIFICATE_METHODS, DEFAULT_CERTIFICATE, plan_calibration_size
+from hf_tinysaver.calibration.simulation import CascadeSimulation, clopper_pearson_lower, clopper_pearson_upper
+from hf_tinysaver.workflows.cascade import build_cascade, record_sub_models, simulation_for, write_json_atomic
+from hf_tinysaver.workflows.demo import DEMO_TASKS
 
 # Default calibration sizes: half of each pool, as the demo and calibrate_evaluate.py calibrate.
 CALIBRATION_SIZES = {"cifar10": 5000, "imagenet": 650}

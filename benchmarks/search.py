@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from tasks import TASKS
 
-from hf_tinysaver.search import save_winning_cascade, search_savers
-from hf_tinysaver.workflow import evaluate_cascade
+from hf_tinysaver.workflows.cascade import evaluate_cascade
+from hf_tinysaver.workflows.search import save_winning_cascade, search_savers
 
 RESULTS = Path(__file__).parent / "results"
 

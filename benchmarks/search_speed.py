@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from hf_tinysaver.records import Records
-from hf_tinysaver.search import SaverCandidate, rank_savers
-from hf_tinysaver.workflow import write_json_atomic
+from hf_tinysaver.workflows.cascade import write_json_atomic
+from hf_tinysaver.workflows.search import SaverCandidate, rank_savers
 
 BASE_MACS = 1e9
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_tinysaver.demo import DEMO_TASKS
+from hf_tinysaver.workflows.demo import DEMO_TASKS
 from hf_tinysaver.zoo import ZOO_MODELS
 
 MOBILENETS = [name for name in DEMO_TASKS["imagenet"]["candidates"] if name.startswith("mobilenet-")]

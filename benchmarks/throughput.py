@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from hf_tinysaver.benchmark import time_cascade
+from hf_tinysaver.workflows.timing import time_cascade
 
 
 def parse_args(argv=None):
@@ -88,7 +88,7 @@ def load_cascade(args):
 
 
 def preprocessed_inputs(processor, dataset, split, num_images, assets):
-    from hf_tinysaver.workflow import load_dataset_split
+    from hf_tinysaver.workflows.cascade import load_dataset_split
 
     data = load_dataset_split(dataset, split, assets=assets)
     data = data.select(range(min(num_images, len(data))))
@@ -203,7 +203,7 @@ def main(argv=None) -> dict | None:
         results["memory"] = measure_memory(args)
         print(f"peak RSS at batch 64: {json.dumps(results['memory'])}")
     if args.results_file:
-        from hf_tinysaver.workflow import write_json_atomic
+        from hf_tinysaver.workflows.cascade import write_json_atomic
 
         write_json_atomic(args.results_file, results)
     return results

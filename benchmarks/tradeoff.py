@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from tasks import TASKS, zoo_models_of
 
-from hf_tinysaver.search import oracle_relative_macs_at_drop, search_savers
-from hf_tinysaver.workflow import (
+from hf_tinysaver.workflows.cascade import (
     build_cascade,
     evaluate_cascade,
     load_model,
@@ -41,6 +40,7 @@ from hf_tinysaver.workflow import (
     simulation_for,
     write_json_atomic,
 )
+from hf_tinysaver.workflows.search import oracle_relative_macs_at_drop, search_savers
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,9 +58,9 @@ def point_figures(result) -> dict:
 
 def single_models(task: dict, common: dict) -> list[dict]:
     """Held-out accuracy and MACs of every zoo model of the task, each alone (records cached)."""
-    from hf_tinysaver.image_processing_tinysaver import TinySaverImageProcessor
+    from hf_tinysaver.models.image_processing_tinysaver import TinySaverImageProcessor
     from hf_tinysaver.records import record
-    from hf_tinysaver.workflow import resolve_dataset_source
+    from hf_tinysaver.workflows.cascade import resolve_dataset_source
 
     base_macs = load_model(task["base"], common["assets"]).config.macs
     rows = []

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_tinysaver.flops import macs_summary
-from hf_tinysaver.image_processing_tinysaver import TinySaverImageProcessor
+from hf_tinysaver.models.image_processing_tinysaver import TinySaverImageProcessor
+from hf_tinysaver.models.mac_counting import macs_summary
 from hf_tinysaver.storage import write_text_atomic
 from hf_tinysaver.zoo import ZOO_MODELS, load_zoo_dataset, load_zoo_model, resolve_assets
 from hf_tinysaver.zoo.mobilenet_tflite import TFLiteImageClassifier, pixel_values_to_uint8

@@ -9,7 +9,7 @@ with a certified threshold: the drop on fresh data stays within target with the 
 
 import argparse
 
-from hf_tinysaver.workflow import build_cascade, calibrate_cascade, evaluate_cascade
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade, evaluate_cascade
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--saver", default="cifar10-resnet20")

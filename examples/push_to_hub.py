@@ -10,7 +10,7 @@ import argparse
 
 from transformers import AutoModelForImageClassification, pipeline
 
-from hf_tinysaver.hub import push_cascade
+from hf_tinysaver.hub.push import push_cascade
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", "-m", required=True, help="A saved (ideally calibrated) cascade folder.")

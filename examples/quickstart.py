@@ -10,7 +10,7 @@ import argparse
 
 from transformers import pipeline
 
-from hf_tinysaver.workflow import build_cascade, calibrate_cascade, load_dataset_split
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade, load_dataset_split
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--calibration-split", default="test[:2000]")

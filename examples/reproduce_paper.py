@@ -89,10 +89,10 @@ def tiny_pool_and_dataset(folder: Path) -> tuple[list[str], str]:
 
 
 def main(argv=None) -> dict:
-    from hf_tinysaver.flops import count_macs
+    from hf_tinysaver.models.mac_counting import count_macs
     from hf_tinysaver.records import distributed_state
-    from hf_tinysaver.search import search_savers
-    from hf_tinysaver.workflow import load_model, write_json_atomic
+    from hf_tinysaver.workflows.cascade import load_model, write_json_atomic
+    from hf_tinysaver.workflows.search import search_savers
 
     args = parse_args(argv)
     if args.dry_run:

@@ -9,8 +9,8 @@ calibrated cascade for real on the second half.
 
 import argparse
 
-from hf_tinysaver.search import save_winning_cascade, search_savers
-from hf_tinysaver.workflow import evaluate_cascade
+from hf_tinysaver.workflows.cascade import evaluate_cascade
+from hf_tinysaver.workflows.search import save_winning_cascade, search_savers
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--base", default="efficientnet-lite2")

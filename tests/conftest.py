@@ -104,7 +104,7 @@ def tiny_cascade_dir(tmp_path_factory, tiny_dataset):
 @pytest.fixture(scope="module")
 def fake_hub(tmp_path_factory):
     """A local server speaking the Hub's HTTP API on 127.0.0.1, one per test module."""
-    from hf_tinysaver.testing import FakeHub
+    from hub_server import FakeHub
 
     with FakeHub(tmp_path_factory.mktemp("fake_hub")) as hub:
         yield hub
@@ -113,7 +113,7 @@ def fake_hub(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hub_env(fake_hub, tmp_path_factory):
     """The real huggingface_hub client pointed at `fake_hub`, logged in with its token."""
-    from hf_tinysaver.testing import DEFAULT_TOKEN
+    from hub_server import DEFAULT_TOKEN
 
     with fake_hub.client_environment(tmp_path_factory.mktemp("hf_home"), token=DEFAULT_TOKEN) as environment:
         yield environment

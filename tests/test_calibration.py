@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import optimize, stats
 
 from hf_tinysaver import calibration
-from hf_tinysaver.calibration import (
+from hf_tinysaver.calibration.simulation import (
     GUARANTEE_CREDITS,
     CascadeSimulation,
     InfeasibleTargetError,
@@ -21,7 +21,7 @@ from hf_tinysaver.calibration import (
     clopper_pearson_upper,
     fit_temperature,
 )
-from hf_tinysaver.confidence import compute_confidence
+from hf_tinysaver.models.confidence import compute_confidence
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hf_tinysaver.calibration import CascadeSimulation, plan_calibration_size
-from hf_tinysaver.certification import (
+from hf_tinysaver.calibration.certification import (
     CERTIFICATE_METHODS,
     certificate_grid,
     certify_fixed_sequence,
     drop_upper_bounds,
 )
-from hf_tinysaver.cli import main as tinysaver
-from hf_tinysaver.model_card import generate_model_card
+from hf_tinysaver.calibration.simulation import CascadeSimulation, plan_calibration_size
+from hf_tinysaver.commands import main as tinysaver
+from hf_tinysaver.hub.model_card import generate_model_card
 
 FIXED_SEQUENCE_METHODS = [method for method in CERTIFICATE_METHODS if method != "clopper-pearson"]
 
@@ -223,7 +223,7 @@ def test_calibrate_cli_writes_the_certificate(certified_cascade_dir):
 
     from transformers import AutoConfig
 
-    from hf_tinysaver.configuration_tinysaver import TinySaverConfig
+    from hf_tinysaver.models.configuration_tinysaver import TinySaverConfig
 
     card = str(
         generate_model_card(TinySaverConfig.from_dict(AutoConfig.from_pretrained(certified_cascade_dir).to_dict()))

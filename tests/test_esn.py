@@ -22,7 +22,13 @@ from hf_tinysaver import (
     TinySaverESNConfig,
     TinySaverESNForImageClassification,
 )
-from hf_tinysaver.esn import (
+from hf_tinysaver.models.modeling_tinysaver_esn import (
+    ExitSequenceNetwork,
+    count_macs_of,
+    esn_loss,
+    staged_classifier,
+)
+from hf_tinysaver.workflows.esn import (
     ExitFeatures,
     ExitRecords,
     assign_exits,
@@ -33,12 +39,6 @@ from hf_tinysaver.esn import (
     search_exit_thresholds,
     sequential_thresholds,
     train_exit_sequence,
-)
-from hf_tinysaver.modeling_tinysaver_esn import (
-    ExitSequenceNetwork,
-    count_macs_of,
-    esn_loss,
-    staged_classifier,
 )
 from tiny_models import randomize, timm_classifier, tiny_resnet, tiny_vit, tiny_vit_preprocessing
 
@@ -615,7 +615,7 @@ def test_pipeline_serves_the_esn(saved_esn):
 
 
 def test_push_to_hub_and_load_by_id(saved_esn, tmp_path):
-    from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
+    from hub_server import DEFAULT_TOKEN, FakeHub
 
     _, model, _, inputs = saved_esn
     repo_id = "tester/tiny-esn"
@@ -631,8 +631,8 @@ def test_push_to_hub_and_load_by_id(saved_esn, tmp_path):
 
 
 def test_push_a_saved_folder(saved_esn, tmp_path):
-    from hf_tinysaver.hub import push_cascade
-    from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
+    from hf_tinysaver.hub.push import push_cascade
+    from hub_server import DEFAULT_TOKEN, FakeHub
 
     directory, model, _, _ = saved_esn
     with FakeHub(tmp_path / "hub") as hub, hub.client_environment(tmp_path / "hf_home", token=DEFAULT_TOKEN):
@@ -674,7 +674,7 @@ def test_feature_cache_is_keyed_on_content_and_reused(cifar_model, tiny_dataset_
 
 
 def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
-    from hf_tinysaver.cli import main
+    from hf_tinysaver.commands import main
 
     saver_dir, base_dir = tmp_path / "saver", tmp_path / "base"
     tiny_cifar(8, 0).save_pretrained(saver_dir)

@@ -62,7 +62,7 @@ def test_evaluate_multiprocess(tiny_cascade_dir, tiny_dataset, tmp_path):
 
 
 def test_push_to_hub(tiny_cascade_dir, tmp_path):
-    from hf_tinysaver.testing import DEFAULT_TOKEN, DEFAULT_USER, FakeHub
+    from hub_server import DEFAULT_TOKEN, DEFAULT_USER, FakeHub
 
     repo_id = f"{DEFAULT_USER}/tiny-cascade"
     with FakeHub(tmp_path / "hub") as hub:

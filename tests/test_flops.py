@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
 
-from hf_tinysaver.flops import count_macs, infer_input_size, macs_summary
+from hf_tinysaver.models.mac_counting import count_macs, infer_input_size, macs_summary
 
 
 @pytest.mark.parametrize(

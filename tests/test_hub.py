@@ -1,4 +1,4 @@
-"""Publishing on the Hub, against a local server that speaks the Hub's HTTP API (`hf_tinysaver.testing.FakeHub`).
+"""Publishing on the Hub, against a local server that speaks the Hub's HTTP API (`tests/hub_server.py`).
 
 The real `huggingface_hub` client and transformers talk to it through `HF_ENDPOINT`: create repo, validate-yaml,
 preupload, the ndjson commit, the LFS batch API with the upload to a separate storage origin, resolve, repo info.
@@ -25,8 +25,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 
 from conftest import BLOCK_HF_TINYSAVER
 from hf_tinysaver import TinySaverForImageClassification
-from hf_tinysaver.hub import HubPushError, push_cascade
-from hf_tinysaver.testing import DEFAULT_TOKEN
+from hf_tinysaver.hub.push import HubPushError, push_cascade
+from hub_server import DEFAULT_TOKEN
 from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing, tiny_vit_processor
 
 REPO_ID = "tester/tiny-cascade"
@@ -311,7 +311,7 @@ def test_foreign_namespace_and_invalid_token_are_clear_errors(fake_hub, hub_env,
 
 
 def run_cli(argv: list[str]) -> int:
-    from hf_tinysaver.cli import main
+    from hf_tinysaver.commands import main
 
     return main(argv)
 

@@ -15,13 +15,13 @@ import torch
 
 from conftest import SHARED, requires_shared
 from hf_tinysaver import TinySaverConfig, TinySaverForImageClassification, TinySaverImageProcessor
-from hf_tinysaver.calibration import CascadeSimulation, calibrate
-from hf_tinysaver.cli import main
-from hf_tinysaver.configuration_cifar_resnet import CifarResNetConfig
-from hf_tinysaver.configuration_tinysaver_esn import TinySaverESNConfig
-from hf_tinysaver.modeling_cifar_resnet import CifarResNetForImageClassification
+from hf_tinysaver.calibration.simulation import CascadeSimulation, calibrate
+from hf_tinysaver.commands import main
+from hf_tinysaver.models.configuration_cifar_resnet import CifarResNetConfig
+from hf_tinysaver.models.configuration_tinysaver_esn import TinySaverESNConfig
+from hf_tinysaver.models.modeling_cifar_resnet import CifarResNetForImageClassification
 from hf_tinysaver.records import UnreadableImageError, record
-from hf_tinysaver.workflow import calibrate_cascade
+from hf_tinysaver.workflows.cascade import calibrate_cascade
 from tiny_models import LABELS, timm_classifier
 
 CIFAR = SHARED / "datasets" / "cifar10-jpeg"

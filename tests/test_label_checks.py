@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, requires_shared
-from hf_tinysaver.cli import main as tinysaver
+from hf_tinysaver.commands import main as tinysaver
 from hf_tinysaver.labels import align_dataset_labels, label_order_warnings
 from hf_tinysaver.records import record
-from hf_tinysaver.workflow import build_cascade, calibrate_cascade, load_dataset_split
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade, load_dataset_split
 from tiny_models import timm_classifier
 
 CIFAR = SHARED / "datasets" / "cifar10-jpeg"
@@ -84,7 +84,7 @@ def _run_cli_subprocess(args: list[str]) -> subprocess.CompletedProcess:
     """The real `tinysaver` console script in a fresh process: its stderr shows every warning once."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "hf_tinysaver.cli", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "hf_tinysaver.commands", *args], env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -117,7 +117,7 @@ def test_align_dataset_labels_normalises_names_and_ignores_generic_ones():
 @pytest.mark.slow
 @requires_shared("datasets/imagenet-val-1300", "models/cifar10-resnet")
 def test_the_real_assets_align_as_they_are_without_a_warning():
-    from hf_tinysaver.workflow import load_model
+    from hf_tinysaver.workflows.cascade import load_model
 
     pairs = [
         ("cifar10", "test[:10]", "cifar10-resnet20"),

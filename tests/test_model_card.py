@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from transformers import ViTConfig
 
 from hf_tinysaver import CifarResNetConfig, TinySaverConfig
-from hf_tinysaver.model_card import (
+from hf_tinysaver.hub.model_card import (
     TEMPLATE_PATH,
     TinySaverModelCardData,
     generate_model_card,
@@ -22,7 +22,7 @@ from hf_tinysaver.model_card import (
     save_model_card,
     stricter_license,
 )
-from hf_tinysaver.testing.hub_server import validate_model_card_metadata
+from hub_server import validate_model_card_metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "model_cards" / "examples"

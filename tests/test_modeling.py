@@ -402,7 +402,7 @@ class ConvOutputUsedTwice(torch.nn.Module):
 
 
 def test_batch_norm_folding_is_undone_when_it_changes_the_outputs():
-    from hf_tinysaver.modeling_tinysaver import fold_batch_norms
+    from hf_tinysaver.models.modeling_tinysaver import fold_batch_norms
 
     model = ConvOutputUsedTwice().eval()
     pixel_values = torch.randn(2, 3, 16, 16)

@@ -11,9 +11,9 @@ from scipy import stats
 
 from conftest import random_images
 from hf_tinysaver import TinySaverForImageClassification
-from hf_tinysaver.calibration import CascadeSimulation
+from hf_tinysaver.calibration.simulation import CascadeSimulation
 from hf_tinysaver.monitor import BernoulliSequentialTest, DriftAlarm, DriftGuard, mixture_log_evidence
-from hf_tinysaver.workflow import drift_reference
+from hf_tinysaver.workflows.cascade import drift_reference
 from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing
 
 THRESHOLD = 0.7
@@ -317,7 +317,7 @@ def test_attached_guard_matches_update_and_falls_back_on_a_real_shift(calibrated
 
 
 def test_calibrate_cascade_records_what_the_guard_needs(tiny_cascade_dir, tiny_dataset, tmp_path):
-    from hf_tinysaver.workflow import calibrate_cascade
+    from hf_tinysaver.workflows.cascade import calibrate_cascade
 
     cascade = TinySaverForImageClassification.from_pretrained(tiny_cascade_dir)
     cascade.config.saver_macs, cascade.config.base_macs = 10, 1000

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import SHARED, requires_shared
 from hf_tinysaver import InfeasibleTargetError
-from hf_tinysaver.cli import main as tinysaver
-from hf_tinysaver.workflow import build_cascade, calibrate_cascade
+from hf_tinysaver.commands import main as tinysaver
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade
 
 PAIR = ["--saver", "cifar10-resnet20", "--base", "cifar10-resnet56", "--dataset", "cifar10"]
 # 60 images are far too few for max-drop's guarantee at 95 %: only "nothing exits" (1 + saver share) passes it.
@@ -27,7 +27,7 @@ def common(tmp_path) -> dict:
 def test_calibrate_refuses_a_point_that_saves_nothing_and_says_what_would_help(common, caplog):
     cascade = build_cascade("cifar10-resnet20", "cifar10-resnet56", assets=SHARED)
     threshold = cascade.config.threshold
-    with caplog.at_level(logging.WARNING, logger="hf_tinysaver.workflow"):
+    with caplog.at_level(logging.WARNING, logger="hf_tinysaver.workflows.cascade"):
         with pytest.raises(InfeasibleTargetError) as error:
             calibrate_cascade(cascade, "cifar10", **FEW, **common)
     message = str(error.value)

@@ -1,6 +1,6 @@
 """Saving never destroys or half-writes a folder, and `push` uploads only the folder's own files.
 
-The interrupt tests run the real CLI (`hf_tinysaver.cli.main`) in child processes forked from a server process that
+The interrupt tests run the real CLI (`hf_tinysaver.commands.main`) in child processes forked from a server process that
 imported the libraries once, so that a child starts in milliseconds instead of the ~20 s an import costs here, and
 kill those children with real signals at random moments, the save phase included.
 """
@@ -23,8 +23,8 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from conftest import requires_shared
-from hf_tinysaver.cli import main
-from hf_tinysaver.hub import push_cascade
+from hf_tinysaver.commands import main
+from hf_tinysaver.hub.push import push_cascade
 from hf_tinysaver.storage import (
     OutputFolderError,
     atomic_folder,
@@ -230,8 +230,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot
 import datasets, safetensors.torch, torch, transformers
-import hf_tinysaver, hf_tinysaver.workflow, hf_tinysaver.plotting, hf_tinysaver.zoo, hf_tinysaver.storage
-from hf_tinysaver.cli import main
+import hf_tinysaver, hf_tinysaver.workflows.cascade, hf_tinysaver.plotting, hf_tinysaver.zoo, hf_tinysaver.storage
+from hf_tinysaver.commands import main
 
 print("ready", flush=True)
 for line in sys.stdin:
@@ -257,7 +257,7 @@ for line in sys.stdin:
 
 
 class ForkServer:
-    """Runs `hf_tinysaver.cli.main(argv)` in children forked from a process that imported everything once."""
+    """Runs `hf_tinysaver.commands.main(argv)` in children forked from a process that imported everything once."""
 
     def __init__(self, log: Path):
         self.log = log
@@ -529,7 +529,7 @@ def test_save_calibrated_cascade_refuses_foreign_files_without_overwrite(tmp_pat
     """The Python API applies the same rule as the CLI (checked before anything is written)."""
     import numpy as np
 
-    from hf_tinysaver.calibration import CascadeSimulation
+    from hf_tinysaver.calibration.simulation import CascadeSimulation
     from test_hub import make_cascade
 
     rng = np.random.default_rng(0)
@@ -543,7 +543,7 @@ def test_save_calibrated_cascade_refuses_foreign_files_without_overwrite(tmp_pat
     )
     result = simulation.calibrate("exit-rate", exit_rate=0.5)
     cascade = make_cascade(threshold=float(result.threshold))
-    from hf_tinysaver.workflow import save_calibrated_cascade
+    from hf_tinysaver.workflows.cascade import save_calibrated_cascade
 
     out = tmp_path / "cascade"
     out.mkdir()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, requires_shared
-from hf_tinysaver.cli import main as tinysaver
+from hf_tinysaver.commands import main as tinysaver
 from tiny_models import timm_classifier
 
 
@@ -44,7 +44,7 @@ def _accelerate_command() -> list[str]:
         pytest.skip("the accelerate launcher is not on PATH")
     # `--cpu --num_processes 2` silently runs one process; --multi_gpu falls back to CPU + gloo with two real ones.
     return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_tinysaver.cli"]  # fmt: skip
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_tinysaver.commands"]  # fmt: skip
 
 
 def test_evaluate_under_accelerate_launch_with_two_processes_matches_one(tiny_cascade_dir, tiny_dataset, tmp_path):
@@ -54,7 +54,7 @@ def test_evaluate_under_accelerate_launch_with_two_processes_matches_one(tiny_ca
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
     subprocess.run(
-        [sys.executable, "-m", "hf_tinysaver.cli", *common, "--cache-dir", str(tmp_path / "c1"), "--results-file",
+        [sys.executable, "-m", "hf_tinysaver.commands", *common, "--cache-dir", str(tmp_path / "c1"), "--results-file",
          str(one)], env=env, check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     launched = subprocess.run(

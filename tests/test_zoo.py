@@ -19,8 +19,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_tinysaver
 from conftest import BLOCK_HF_TINYSAVER, SHARED, requires_shared
-from hf_tinysaver.cli import main as cli_main
-from hf_tinysaver.image_processing_tinysaver import TinySaverImageProcessor
+from hf_tinysaver.commands import main as cli_main
+from hf_tinysaver.models.image_processing_tinysaver import TinySaverImageProcessor
 from hf_tinysaver.zoo import (
     ZOO,
     ZOO_DATASETS,

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from hf_tinysaver import CifarResNetConfig, TinySaverConfig
-from hf_tinysaver.model_card import generate_model_card, save_model_card
+from hf_tinysaver.hub.model_card import generate_model_card, save_model_card
 
 EXAMPLES = Path(__file__).resolve().parent
 

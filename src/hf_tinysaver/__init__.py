@@ -6,29 +6,29 @@ A tiny *saver* classifier answers the images it is confident about; only the oth
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from .calibration import (
+from .calibration.simulation import (
     CalibrationResult,
     CascadeSimulation,
     InfeasibleTargetError,
     fit_temperature,
 )
-from .confidence import CONFIDENCE_METRICS, compute_confidence
-from .configuration_cifar_resnet import CIFAR10_LABELS, CifarResNetConfig
-from .configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
-from .configuration_tinysaver_esn import TinySaverESNConfig
-from .image_processing_tinysaver import (
+from .models.confidence import CONFIDENCE_METRICS, compute_confidence
+from .models.configuration_cifar_resnet import CIFAR10_LABELS, CifarResNetConfig
+from .models.configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
+from .models.configuration_tinysaver_esn import TinySaverESNConfig
+from .models.image_processing_tinysaver import (
     TinySaverImageProcessor,
     normalize_preprocessing,
     preprocessing_from_image_processor,
     preprocessing_from_timm,
 )
-from .modeling_cifar_resnet import CifarResNetForImageClassification
-from .modeling_tinysaver import (
+from .models.modeling_cifar_resnet import CifarResNetForImageClassification
+from .models.modeling_tinysaver import (
     TinySaverForImageClassification,
     TinySaverImageClassifierOutput,
     retain_freed_memory,
 )
-from .modeling_tinysaver_esn import TinySaverESNForImageClassification, TinySaverESNImageClassifierOutput
+from .models.modeling_tinysaver_esn import TinySaverESNForImageClassification, TinySaverESNImageClassifierOutput
 from .records import Records, pair_from_records, record
 
 __version__ = TINYSAVER_VERSION

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import clopper_pearson_lower, clopper_pearson_upper
+from .calibration.simulation import clopper_pearson_lower, clopper_pearson_upper
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class DriftGuard:
     Args:
         calibration (`Mapping`):
             The cascade's calibration record (`cascade.config.calibration`, written by
-            [`~hf_tinysaver.workflow.calibrate_cascade`] and `tinysaver calibrate`): it needs `threshold`, `n`,
+            [`~hf_tinysaver.workflows.cascade.calibrate_cascade`] and `tinysaver calibrate`): it needs `threshold`, `n`,
             `exit_rate`, `confidence_quantiles` and, for audits, `exited` and `exited_disagreement`.
         alpha (`float`, *optional*, defaults to 0.05):
             Probability of any false alarm over the whole stream, all statistics together.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import CalibrationResult, TradeoffCurve
+from .calibration.simulation import CalibrationResult, TradeoffCurve
 from .storage import write_file_atomic
 
 

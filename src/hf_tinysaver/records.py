@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import CascadeSimulation, check_finite_logits
+from .calibration.simulation import CascadeSimulation, check_finite_logits
 from .labels import check_label_range, dataset_labels
 from .storage import write_file_atomic as _atomic_write
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..configuration_cifar_resnet import CifarResNetConfig
-from ..image_processing_tinysaver import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_preprocessing
-from ..modeling_cifar_resnet import CifarResNetForImageClassification
+from ..models.configuration_cifar_resnet import CifarResNetConfig
+from ..models.image_processing_tinysaver import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_preprocessing
+from ..models.modeling_cifar_resnet import CifarResNetForImageClassification
 
 CIFAR_RESNET_FILES = {
     20: "models/cifar10-resnet/resnet20-12fca82f.th",

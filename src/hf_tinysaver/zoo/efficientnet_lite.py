@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-from ..image_processing_tinysaver import preprocessing_from_timm
+from ..models.image_processing_tinysaver import preprocessing_from_timm
 from .data import imagenet_label_names
 
 # Top-level layers of the lukemelas-style state dict -> timm names.

@@ -27,7 +27,7 @@ from transformers import (
 from transformers.models.mobilenet_v1.modeling_mobilenet_v1 import MobileNetV1ConvLayer
 from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import MobileNetV2ConvLayer
 
-from ..image_processing_tinysaver import normalize_preprocessing
+from ..models.image_processing_tinysaver import normalize_preprocessing
 from .data import imagenet_label_names
 
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")

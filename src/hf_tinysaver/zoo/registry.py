@@ -116,7 +116,7 @@ def build_zoo_model(name: str, assets: str | os.PathLike | None = None):
         The model in eval mode, whose config carries `macs` (MACs per image) and `preprocessing` (the spec of its
         own preprocessing, see `TinySaverImageProcessor`).
     """
-    from ..flops import count_macs
+    from ..models.mac_counting import count_macs
 
     entry = get_zoo_entry(name)
     (source,) = _source_files(entry, assets)
@@ -168,7 +168,7 @@ def _cache_key(entry: ZooModel, sources: list[Path]) -> str:
 
 
 def _write_zoo_folder(name: str, assets: str | os.PathLike | None, folder: Path) -> None:
-    from ..image_processing_tinysaver import TinySaverImageProcessor
+    from ..models.image_processing_tinysaver import TinySaverImageProcessor
 
     model = build_zoo_model(name, assets)
     # Written beside and swapped in whole: readers see no folder or a complete one. A concurrent writer that

@@ -243,7 +243,7 @@ def pixels_to_uint8(pixels: np.ndarray) -> np.ndarray:
 
     ```python
     >>> import numpy as np
-    >>> from hf_tinysaver.image_processing_tinysaver import pixels_to_uint8
+    >>> from hf_tinysaver.models.image_processing_tinysaver import pixels_to_uint8
 
     >>> pixels_to_uint8(np.array([0, 128 * 257, 65535], dtype=np.uint16)).tolist()
     [0, 128, 255]

@@ -42,8 +42,8 @@ DEMO_TASKS = {
 
 def missing_assets(task: dict, assets: str | os.PathLike | None) -> list[str]:
     """Lists, one line each, every file or package the task needs that is not there."""
-    from .zoo import ZOO_DATASETS, get_zoo_entry
-    from .zoo.assets import resolve_assets
+    from ..zoo import ZOO_DATASETS, get_zoo_entry
+    from ..zoo.assets import resolve_assets
 
     try:
         root = resolve_assets(assets)
@@ -105,7 +105,7 @@ def add_parser(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .storage import atomic_folder, check_output_folder
+    from ..storage import atomic_folder, check_output_folder
 
     task = dict(DEMO_TASKS[args.task])
     if args.limit:  # the first and the last N images: still disjoint halves when N is at most half the split
@@ -148,10 +148,10 @@ def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, st
     """Steps 1 to 5 of the demo, writing into `out` (the temporary folder swapped in when all succeeded)."""
     from transformers import pipeline
 
-    from .benchmark import time_cascade
+    from ..storage import write_json_atomic
+    from .cascade import evaluate_cascade, load_dataset_split
     from .search import save_winning_cascade, search_savers
-    from .storage import write_json_atomic
-    from .workflow import evaluate_cascade, load_dataset_split
+    from .timing import time_cascade
 
     print(f"[1/5] Searching the best saver for {task['base']} among {', '.join(task['candidates'])} "
           f"on {task['dataset']} {task['calibration_split']}", flush=True)  # fmt: skip

@@ -12,7 +12,7 @@ Example (the `tinysaver esn-train` command runs these steps):
 
 ```python
 >>> from hf_tinysaver import TinySaverESNForImageClassification
->>> from hf_tinysaver.esn import cached_exit_features, exit_records, search_exit_thresholds, train_exit_sequence
+>>> from hf_tinysaver.workflows.esn import cached_exit_features, exit_records, search_exit_thresholds, train_exit_sequence
 >>> from hf_tinysaver.zoo import load_zoo_dataset
 
 >>> model = TinySaverESNForImageClassification.from_saver_and_base(
@@ -42,12 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import CascadeSimulation
-from .confidence import compute_confidence
-from .image_processing_tinysaver import normalize_preprocessing
-from .modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
-from .records import prepare_images
-from .storage import write_file_atomic, write_json_atomic
+from ..calibration.simulation import CascadeSimulation
+from ..models.confidence import compute_confidence
+from ..models.image_processing_tinysaver import normalize_preprocessing
+from ..models.modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
+from ..records import prepare_images
+from ..storage import write_file_atomic, write_json_atomic
 
 FEATURES_FORMAT_VERSION = 1
 
@@ -444,7 +444,7 @@ def evaluate_exits(
 
 
 def sequential_thresholds(records: ExitRecords, allowed_drops: Sequence[float]) -> list[float]:
-    """Thresholds chosen exit by exit, first exit first, with the `max-drop` objective of `hf_tinysaver.calibration`.
+    """Thresholds chosen exit by exit, first exit first, with the `max-drop` objective of `hf_tinysaver.calibration.simulation`.
 
     Exit `e` takes the lowest threshold for which the accuracy of the whole cascade, with exits `0..e` set and every
     later image answered by the base, stays at least `base accuracy - allowed_drops[e]` points. Each step is the
@@ -531,7 +531,7 @@ def search_exit_thresholds(
 
     ```python
     >>> import numpy as np
-    >>> from hf_tinysaver.esn import ExitRecords, search_exit_thresholds
+    >>> from hf_tinysaver.workflows.esn import ExitRecords, search_exit_thresholds
 
     >>> rng = np.random.default_rng(0)
     >>> labels = rng.integers(0, 10, 1000)

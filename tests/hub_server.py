@@ -209,7 +209,7 @@ class FakeHub:
     ```python
     >>> import tempfile
     >>> from huggingface_hub import HfApi
-    >>> from hf_tinysaver.testing import DEFAULT_TOKEN, FakeHub
+    >>> from hub_server import DEFAULT_TOKEN, FakeHub
 
     >>> with tempfile.TemporaryDirectory() as tmp, FakeHub(f"{tmp}/hub") as hub:
     ...     with hub.client_environment(f"{tmp}/hf_home", token=DEFAULT_TOKEN):

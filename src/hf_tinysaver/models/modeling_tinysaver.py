@@ -294,7 +294,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         Example:
 
         ```python
-        >>> from hf_tinysaver.workflow import build_cascade, calibrate_cascade
+        >>> from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade
 
         >>> cascade = build_cascade("cifar10-resnet20", "cifar10-resnet56")
         >>> _ = calibrate_cascade(cascade, "cifar10", "test[:50%]", max_drop=1.0, confidence_level=0.9, progress=False)
@@ -344,9 +344,9 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             self.get_image_processor().save_pretrained(save_directory)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Uploads the cascade, its processor and remote code with a generated model card (`hf_tinysaver.hub`)."""
+        """Uploads the cascade, its processor and remote code with a generated model card (`hf_tinysaver.hub.push`)."""
         try:
-            from hf_tinysaver.hub import push_cascade
+            from hf_tinysaver.hub.push import push_cascade
         except ImportError:  # loaded as remote code where hf_tinysaver is not installed: the standard upload
             return super().push_to_hub(repo_id, **kwargs)
         return push_cascade(self, repo_id, **kwargs)
@@ -1033,7 +1033,7 @@ def find_macs(model: PreTrainedModel, preprocessing: dict[str, Any]) -> int | No
     if recorded:
         return int(recorded)
     try:
-        from hf_tinysaver.flops import count_macs
+        from hf_tinysaver.models.mac_counting import count_macs
     except ImportError:
         return None
     return count_macs(model, tuple(preprocessing["input_size"]))

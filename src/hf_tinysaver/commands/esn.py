@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from .esn import (
+from ..labels import dataset_labels, warn_label_order
+from ..models.modeling_tinysaver_esn import TinySaverESNForImageClassification
+from ..storage import atomic_folder, check_output_folder, write_json_atomic
+from ..workflows.esn import (
     cached_exit_features,
     evaluate_exits,
     exit_records,
     search_exit_thresholds,
     train_exit_sequence,
 )
-from .labels import dataset_labels, warn_label_order
-from .modeling_tinysaver_esn import TinySaverESNForImageClassification
-from .storage import atomic_folder, check_output_folder, write_json_atomic
-from .workflow_cli import MAX_DROP_TYPE
+from .cascade import MAX_DROP_TYPE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -131,7 +131,7 @@ def load_split(dataset: str, split: str, shuffle_seed: int | None = None):
     import datasets
 
     if shuffle_seed is not None:
-        from .workflow import load_dataset_split
+        from ..workflows.cascade import load_dataset_split
 
         return load_dataset_split(dataset, split, shuffle_seed=shuffle_seed)
     if os.path.isdir(dataset):
@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     exit_stages = [name.strip() for name in args.exit_stages.split(",")] if args.exit_stages else None
-    from .modeling_tinysaver import find_preprocessing
-    from .workflow import load_model
+    from ..models.modeling_tinysaver import find_preprocessing
+    from ..workflows.cascade import load_model
 
     # Loaded here so that a name that is no zoo name, folder or Hub id gets the library's one-line error.
     saver, base = load_model(args.saver), load_model(args.base)
@@ -285,7 +285,7 @@ def calibrate_and_evaluate(
     plain_search = search_exit_thresholds(calib_records.saver_only(), plain_macs, config.base_macs, max_drop)
     calibrated = esn_search.calibration
     if calibrated["relative_macs"] >= 1.0 and not allow_no_savings:
-        from .calibration import InfeasibleTargetError
+        from ..calibration.simulation import InfeasibleTargetError
 
         raise InfeasibleTargetError(
             f"The best ESN thresholds for a {max_drop}-point drop on these {calibrated['num_images']} calibration "

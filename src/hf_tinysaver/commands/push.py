@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .hub import push_cascade
+from ..hub.push import push_cascade
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ Example:
 ```python
 >>> import numpy as np
 >>> from hf_tinysaver.records import Records
->>> from hf_tinysaver.search import SaverCandidate, rank_savers
+>>> from hf_tinysaver.workflows.search import SaverCandidate, rank_savers
 
 >>> rng = np.random.default_rng(0)
 >>> labels = rng.integers(0, 10, 2000)
@@ -74,8 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .calibration import CalibrationResult, CascadeSimulation, InfeasibleTargetError
-from .records import Records, pair_from_records
+from ..calibration.simulation import CalibrationResult, CascadeSimulation, InfeasibleTargetError
+from ..records import Records, pair_from_records
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with stable, self-describing keys."""
-        from .configuration_tinysaver import TINYSAVER_VERSION
+        from ..models.configuration_tinysaver import TINYSAVER_VERSION
 
         winner, paper_winner = self.winner, self.paper_winner
         return {
@@ -407,7 +407,7 @@ class SearchResult:
         Returns:
             The JSON and CSV paths.
         """
-        from .storage import write_json_atomic, write_text_atomic
+        from ..storage import write_json_atomic, write_text_atomic
 
         json_path = Path(results_file)
         csv_path = json_path.with_suffix(".csv")
@@ -420,7 +420,7 @@ class SearchResult:
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Plots every ranked candidate's accuracy-vs-relative-MACs curve, the Pareto frontier over all of them,
         the base, and the winner's operating point at the primary drop (PNG, written atomically)."""
-        from .plotting import plot_tradeoff
+        from ..plotting import plot_tradeoff
 
         ranked = self.ranked
         if not ranked:
@@ -683,8 +683,8 @@ def _load_config(source: Any, assets: str | os.PathLike | None):
     """The classifier config of a model source, without loading its weights where possible."""
     from transformers import AutoConfig, PreTrainedModel
 
-    from .modeling_tinysaver import load_classifier
-    from .zoo import ZOO, cached_zoo_folder
+    from ..models.modeling_tinysaver import load_classifier
+    from ..zoo import ZOO, cached_zoo_folder
 
     if isinstance(source, PreTrainedModel):
         return source.config
@@ -697,7 +697,7 @@ def _load_config(source: Any, assets: str | os.PathLike | None):
     try:
         return AutoConfig.from_pretrained(str(source))
     except OSError as error:
-        from .workflow import unknown_model_error
+        from .cascade import unknown_model_error
 
         raise unknown_model_error(source, error) from error
 
@@ -705,9 +705,9 @@ def _load_config(source: Any, assets: str | os.PathLike | None):
 def _record_model(
     source, role, model, data_source, split, batch_size, cache_dir, progress, name, shuffle_seed, label_map, id2label
 ) -> Records:
-    from .image_processing_tinysaver import TinySaverImageProcessor
-    from .modeling_tinysaver import find_preprocessing
-    from .records import record
+    from ..models.image_processing_tinysaver import TinySaverImageProcessor
+    from ..models.modeling_tinysaver import find_preprocessing
+    from ..records import record
 
     preprocessing = find_preprocessing(model, source, role=role)
     return record(
@@ -789,7 +789,7 @@ def search_savers(
     Example:
 
     ```python
-    >>> from hf_tinysaver.search import search_savers
+    >>> from hf_tinysaver.workflows.search import search_savers
 
     >>> result = search_savers(
     ...     "cifar10-resnet56", ["cifar10-resnet20", "cifar10-resnet32"], "cifar10", "test[:2%]", progress=False
@@ -800,8 +800,8 @@ def search_savers(
     ['0.0', '0.5', '1.0']
     ```
     """
-    from .modeling_tinysaver import check_label_spaces, find_macs, find_preprocessing
-    from .workflow import dataset_name, load_model, resolve_dataset_source
+    from ..models.modeling_tinysaver import check_label_spaces, find_macs, find_preprocessing
+    from .cascade import dataset_name, load_model, resolve_dataset_source
 
     if isinstance(candidate_table, (str, os.PathLike)):
         candidate_table = load_candidate_table(candidate_table)
@@ -918,7 +918,7 @@ def save_winning_cascade(
 
     ```python
     >>> import tempfile
-    >>> from hf_tinysaver.search import save_winning_cascade, search_savers
+    >>> from hf_tinysaver.workflows.search import save_winning_cascade, search_savers
 
     >>> result = search_savers("cifar10-resnet56", ["cifar10-resnet20"], "cifar10", "test[:5%]", progress=False)
     >>> cascade, calibration = save_winning_cascade(result, tempfile.mkdtemp(), progress=False)
@@ -926,9 +926,9 @@ def save_winning_cascade(
     ('cifar10-resnet20', True)
     ```
     """
-    from .records import distributed_state
-    from .storage import check_output_folder
-    from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade
+    from ..records import distributed_state
+    from ..storage import check_output_folder
+    from .cascade import build_cascade, calibrate_cascade, save_calibrated_cascade
 
     winner = result.winner
     if winner is None:

@@ -636,7 +636,7 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         saver_probe = _probe_input(self.saver, self.config.saver_preprocessing)
         base_probe = _probe_input(self.base, self.config.base_preprocessing)
         if saver_macs is None:
-            # As the plain cascade counts it (recorded in the config, or hf_tinysaver.flops), so costs compare.
+            # As the plain cascade counts it (recorded in the config, or hf_tinysaver.models.mac_counting), so costs compare.
             saver_macs = find_macs(self.saver, self.config.saver_preprocessing)
         if saver_macs is None:
             saver_macs = count_macs_of(lambda x: self.saver(pixel_values=x), saver_probe)

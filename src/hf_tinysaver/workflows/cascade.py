@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import DEFAULT_CERTIFICATE, CalibrationResult, CascadeSimulation, InfeasibleTargetError
-from .configuration_tinysaver import TINYSAVER_VERSION
-from .image_processing_tinysaver import TinySaverImageProcessor
-from .labels import dataset_labels, warn_label_order
-from .modeling_tinysaver import TinySaverForImageClassification
-from .records import (
+from ..calibration.simulation import DEFAULT_CERTIFICATE, CalibrationResult, CascadeSimulation, InfeasibleTargetError
+from ..labels import dataset_labels, warn_label_order
+from ..models.configuration_tinysaver import TINYSAVER_VERSION
+from ..models.image_processing_tinysaver import TinySaverImageProcessor
+from ..models.modeling_tinysaver import TinySaverForImageClassification
+from ..records import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
     Records,
@@ -36,7 +36,7 @@ from .records import (
     prepare_images,
     record,
 )
-from .storage import atomic_folder, write_json_atomic, write_text_atomic
+from ..storage import atomic_folder, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def resolve_dataset_source(dataset: Any, assets: str | os.PathLike | None = None
     Returns:
         What `datasets.load_dataset` (or [`record`]) accepts.
     """
-    from .zoo import ZOO_DATASETS
-    from .zoo.assets import asset_path, resolve_assets
+    from ..zoo import ZOO_DATASETS
+    from ..zoo.assets import asset_path, resolve_assets
 
     if isinstance(dataset, str) and dataset in ZOO_DATASETS and not os.path.exists(dataset):
         return str(asset_path(resolve_assets(assets), ZOO_DATASETS[dataset]))
@@ -109,7 +109,7 @@ def unknown_model_error(name: str | os.PathLike, cause: BaseException | None = N
     """
     from huggingface_hub import constants
 
-    from .zoo import ZOO
+    from ..zoo import ZOO
 
     name = str(name)
     distances = {zoo_name: _edit_distance(name.lower(), zoo_name) for zoo_name in ZOO}
@@ -133,8 +133,8 @@ def load_model(model: Any, assets: str | os.PathLike | None = None):
         ValueError: When a name is neither a zoo name, nor a local folder, nor a Hub id that loads (see
             [`unknown_model_error`]).
     """
-    from .modeling_tinysaver import load_classifier
-    from .zoo import ZOO, load_zoo_model
+    from ..models.modeling_tinysaver import load_classifier
+    from ..zoo import ZOO, load_zoo_model
 
     if isinstance(model, str) and model in ZOO and not os.path.exists(model):
         return load_zoo_model(model, assets=assets)
@@ -271,7 +271,7 @@ def calibrate_cascade(
     Example:
 
     ```python
-    >>> from hf_tinysaver.workflow import build_cascade, calibrate_cascade
+    >>> from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade
 
     >>> cascade = build_cascade("cifar10-resnet20", "cifar10-resnet56")
     >>> result, _ = calibrate_cascade(cascade, "cifar10", "test[:5%]", objective="max-drop", max_drop=0.5, progress=False)
@@ -296,7 +296,7 @@ def calibrate_cascade(
     if distributed_state().is_main_process:
         warn_label_order(base_records.labels, len(cascade.config.id2label), split)
     if fit_temperature:
-        from .calibration import fit_temperature as fit
+        from ..calibration.simulation import fit_temperature as fit
 
         if saver_records.labels is None:
             raise ValueError("Fitting the temperature needs labels; the split has none.")
@@ -338,7 +338,7 @@ def _images_for_savings(
     [`plan_calibration_size`] on this split as the pilot; None where it cannot answer (the pilot's own drop is
     too large, or the method is the original Clopper-Pearson guarantee, which the planner does not simulate).
     """
-    from .calibration import plan_calibration_size
+    from ..calibration.simulation import plan_calibration_size
 
     try:
         size = plan_calibration_size(simulation, max_drop, confidence_level, method=certificate, draws=1000)
@@ -470,7 +470,7 @@ def save_calibrated_cascade(
     Returns:
         `out` as a `Path`.
     """
-    from .plotting import plot_tradeoff
+    from ..plotting import plot_tradeoff
 
     calibration = cascade.config.calibration
     saver_name = str(calibration.get("saver") or "saver")

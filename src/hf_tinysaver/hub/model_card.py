@@ -20,8 +20,8 @@ from huggingface_hub import DatasetCard, ModelCard, ModelCardData, constants
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 from huggingface_hub.utils import yaml_dump
 
-from .configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
-from .storage import write_text_atomic
+from ..models.configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
+from ..storage import write_text_atomic
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card_template.md"
 DEFAULT_TAGS = ("tinysaver", "custom_code", "image-classification", "early-exit")
@@ -121,7 +121,7 @@ def stricter_license(*licenses: str | None) -> str | None:
     Example:
 
     ```python
-    >>> from hf_tinysaver.model_card import stricter_license
+    >>> from hf_tinysaver.hub.model_card import stricter_license
 
     >>> stricter_license("mit", "apache-2.0")
     'apache-2.0'
@@ -287,7 +287,7 @@ class TinySaverModelCardData(ModelCardData):
     ```python
     >>> from transformers import ViTConfig
     >>> from hf_tinysaver import TinySaverConfig
-    >>> from hf_tinysaver.model_card import TinySaverModelCardData
+    >>> from hf_tinysaver.hub.model_card import TinySaverModelCardData
 
     >>> saver, base = ViTConfig(num_labels=10), ViTConfig(num_labels=10)
     >>> base._name_or_path = "google/vit-base-patch16-224"
@@ -549,7 +549,7 @@ def generate_model_card(
     ```python
     >>> from transformers import ViTConfig
     >>> from hf_tinysaver import TinySaverConfig
-    >>> from hf_tinysaver.model_card import generate_model_card
+    >>> from hf_tinysaver.hub.model_card import generate_model_card
 
     >>> config = TinySaverConfig(saver_config=ViTConfig(num_labels=10), base_config=ViTConfig(num_labels=10))
     >>> card = generate_model_card(config, model_id="me/vit-cascade")

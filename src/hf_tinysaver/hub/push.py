@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from .configuration_tinysaver import TinySaverConfig
+from ..models.configuration_tinysaver import TinySaverConfig
 from .model_card import DEFAULT_TAGS, TinySaverModelCardData, generate_model_card
 
 if TYPE_CHECKING:
-    from .modeling_tinysaver import TinySaverForImageClassification
+    from ..models.modeling_tinysaver import TinySaverForImageClassification
 
 CARD_FILE = "README.md"
 # Files of a saved folder that are never uploaded: the card is regenerated, the rest is local bookkeeping.
@@ -214,7 +214,7 @@ def push_cascade(
     Example:
 
     ```python
-    >>> from hf_tinysaver.hub import push_cascade
+    >>> from hf_tinysaver.hub.push import push_cascade
 
     >>> commit = push_cascade("./my-cascade", "me/my-cascade")  # doctest: +SKIP
     >>> commit.oid  # doctest: +SKIP

@@ -13,13 +13,13 @@ import sys
 
 # Modules that each register one or more subcommands through `add_parser(subparsers)`.
 COMMAND_MODULES = [
-    "hf_tinysaver.zoo.cli",
-    "hf_tinysaver.hub_cli",
-    "hf_tinysaver.workflow_cli",
-    "hf_tinysaver.demo",
-    "hf_tinysaver.search_cli",
-    "hf_tinysaver.esn_cli",
-    "hf_tinysaver.plan_cli",
+    "hf_tinysaver.commands.zoo",
+    "hf_tinysaver.commands.push",
+    "hf_tinysaver.commands.cascade",
+    "hf_tinysaver.workflows.demo",
+    "hf_tinysaver.commands.search",
+    "hf_tinysaver.commands.esn",
+    "hf_tinysaver.commands.plan",
 ]
 
 
@@ -53,7 +53,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    from .hub import HubPushError
+    from ..hub.push import HubPushError
 
     return (
         ValueError,
@@ -105,7 +105,3 @@ def main(argv: list[str] | None = None) -> int:
     except user_error_types() as error:
         print(f"tinysaver: error: {one_line(error)}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -92,7 +92,7 @@ def drop_upper_bounds(
     Returns:
         Bounds of the shape of `harms`, each in [-1, 1].
     """
-    from .calibration import clopper_pearson_lower, clopper_pearson_upper
+    from .simulation import clopper_pearson_lower, clopper_pearson_upper
 
     harms, gains = np.asarray(harms, dtype=np.int64), np.asarray(gains, dtype=np.int64)
     alpha = 1.0 - confidence_level
@@ -265,7 +265,7 @@ def plan_calibration_size(
 
     ```python
     >>> import numpy as np
-    >>> from hf_tinysaver.calibration import CascadeSimulation, plan_calibration_size
+    >>> from hf_tinysaver.calibration.simulation import CascadeSimulation, plan_calibration_size
 
     >>> rng = np.random.default_rng(0)
     >>> confidence = rng.uniform(size=4000)
@@ -277,7 +277,7 @@ def plan_calibration_size(
     True
     ```
     """
-    from .calibration import check_number
+    from .simulation import check_number
 
     power = check_number("power", power, 0.0, 1.0, low_open=True, high_open=True, meaning="e.g. 0.8")
     confidence_level = check_number("confidence_level", confidence_level, 0.0, 1.0, True, True, "e.g. 0.95")

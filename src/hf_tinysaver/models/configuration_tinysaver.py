@@ -61,7 +61,7 @@ def validate_threshold(value: Any, name: str = "threshold") -> float:
     Example:
 
     ```python
-    >>> from hf_tinysaver.configuration_tinysaver import validate_threshold
+    >>> from hf_tinysaver.models.configuration_tinysaver import validate_threshold
 
     >>> validate_threshold(0.9)
     0.9

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from .workflow_cli import CONFIDENCE_LEVEL_TYPE, FRACTION_TYPE, MAX_DROP_TYPE, _add_data_arguments, number_type
+    from .cascade import CONFIDENCE_LEVEL_TYPE, FRACTION_TYPE, MAX_DROP_TYPE, _add_data_arguments, number_type
 
     power_type = number_type(0.0, 1.0, low_open=True, high_open=True, meaning="share of calibration sets, e.g. 0.8")
 
@@ -37,10 +37,10 @@ def add_parser(subparsers) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .certification import default_target_exit_rate, plan_calibration_size
-    from .records import distributed_state
-    from .workflow import build_cascade, record_sub_models, simulation_for, write_json_atomic
-    from .workflow_cli import data_options
+    from ..calibration.certification import default_target_exit_rate, plan_calibration_size
+    from ..records import distributed_state
+    from ..workflows.cascade import build_cascade, record_sub_models, simulation_for, write_json_atomic
+    from .cascade import data_options
 
     cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
     saver_records, base_records = record_sub_models(cascade, args.dataset, args.split, **data_options(args))

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.confidence import compute_confidence
+from ..models.configuration_tinysaver import validate_label_mapping, validate_threshold
 from .certification import (
     CERTIFICATE_METHODS,
     DEFAULT_CERTIFICATE,
@@ -38,8 +40,6 @@ from .certification import (
     grid_counts,
     plan_calibration_size,
 )
-from .confidence import compute_confidence
-from .configuration_tinysaver import validate_label_mapping, validate_threshold
 
 OBJECTIVES = ("paper-no-loss", "max-drop", "exit-rate", "budget", "agreement")
 
@@ -347,7 +347,7 @@ class CascadeSimulation:
 
     ```python
     >>> import torch
-    >>> from hf_tinysaver.calibration import CascadeSimulation
+    >>> from hf_tinysaver.calibration.simulation import CascadeSimulation
 
     >>> generator = torch.Generator().manual_seed(0)
     >>> labels = torch.randint(0, 10, (1000,), generator=generator)
@@ -556,7 +556,7 @@ class CascadeSimulation:
           drop on the distribution is at most `max_drop` points. The default certificate tests a fixed, data-free
           grid of thresholds from fewest exits to most, each with an exact test at the full level, and keeps
           every threshold before the first failure (fixed-sequence testing, Learn-then-Test); see
-          `hf_tinysaver.certification` for the tests (`"discordant-binomial"`, `"cp-difference"`). The result's
+          `hf_tinysaver.calibration.certification` for the tests (`"discordant-binomial"`, `"cp-difference"`). The result's
           `certificate` records method, target, level, n and the drop bound (points) at the chosen threshold;
           `certified_points` lists every certified threshold (all valid at once), for
           `TinySaverForImageClassification.set_operating_point`. `certificate="clopper-pearson"` is the original
@@ -825,7 +825,7 @@ def fit_temperature(
 
     ```python
     >>> import torch
-    >>> from hf_tinysaver.calibration import fit_temperature
+    >>> from hf_tinysaver.calibration.simulation import fit_temperature
 
     >>> generator = torch.Generator().manual_seed(0)
     >>> labels = torch.randint(0, 5, (4000,), generator=generator)

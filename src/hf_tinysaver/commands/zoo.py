@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .assets import ASSETS_ENV
+from ..zoo.assets import ASSETS_ENV
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from .registry import ZOO_MODELS
+    from ..zoo.registry import ZOO_MODELS
 
     if args.format == "json":
         rows = [
@@ -60,7 +60,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .registry import export_zoo_model
+    from ..zoo.registry import export_zoo_model
 
     out_dir = export_zoo_model(args.name, args.out_dir, assets=args.assets)
     print(f"Exported {args.name} to {out_dir}")

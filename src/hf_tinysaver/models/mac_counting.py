@@ -71,7 +71,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] | None = None) -> int
 
     ```python
     >>> import timm
-    >>> from hf_tinysaver.flops import count_macs
+    >>> from hf_tinysaver.models.mac_counting import count_macs
 
     >>> model = timm.create_model("resnet18", pretrained=False)
     >>> round(count_macs(model, input_size=(3, 224, 224)) / 1e9, 2)

@@ -28,7 +28,7 @@ def number_type(
     """
 
     def parse(text: str) -> float:
-        from .calibration import check_number, number_rule  # on use: building the parser stays light
+        from ..calibration.simulation import check_number, number_rule  # on use: building the parser stays light
 
         try:
             return check_number("value", float(text), low, high, low_open, high_open)
@@ -43,7 +43,7 @@ def number_type(
 
 def threshold_type(text: str) -> float:
     """An argparse `type` for an exit threshold, checked by the cascade config's own `validate_threshold`."""
-    from .configuration_tinysaver import validate_threshold
+    from ..models.configuration_tinysaver import validate_threshold
 
     try:
         value = float(text)
@@ -223,10 +223,10 @@ def _objective_parameters(args: argparse.Namespace) -> dict:
 
 
 def run_record(args: argparse.Namespace) -> int:
-    from .image_processing_tinysaver import TinySaverImageProcessor
-    from .modeling_tinysaver import find_preprocessing
-    from .records import distributed_state, record
-    from .workflow import load_model, resolve_dataset_source, write_json_atomic
+    from ..models.image_processing_tinysaver import TinySaverImageProcessor
+    from ..models.modeling_tinysaver import find_preprocessing
+    from ..records import distributed_state, record
+    from ..workflows.cascade import load_model, resolve_dataset_source, write_json_atomic
 
     model = load_model(args.model, args.assets)
     preprocessing = find_preprocessing(model, args.model, role="model")
@@ -255,9 +255,9 @@ def run_record(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .records import distributed_state
-    from .storage import check_output_folder
-    from .workflow import build_cascade, calibrate_cascade, save_calibrated_cascade
+    from ..records import distributed_state
+    from ..storage import check_output_folder
+    from ..workflows.cascade import build_cascade, calibrate_cascade, save_calibrated_cascade
 
     parameters = _objective_parameters(args)
     check_output_folder(args.out, overwrite=args.overwrite, kind="cascade", option="--out")
@@ -285,8 +285,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from transformers import AutoModelForImageClassification
 
-    from .records import distributed_state
-    from .workflow import evaluate_cascade, write_json_atomic
+    from ..records import distributed_state
+    from ..workflows.cascade import evaluate_cascade, write_json_atomic
 
     if not (os.path.isdir(args.model) or "/" in args.model):
         raise ValueError(f"--model must be a saved cascade folder or Hub id, got {args.model!r}.")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .workflow_cli import CONFIDENCE_LEVEL_TYPE, MAX_DROP_TYPE, _add_data_arguments, data_options
+from .cascade import CONFIDENCE_LEVEL_TYPE, MAX_DROP_TYPE, _add_data_arguments, data_options
 
 
 def add_parser(subparsers) -> None:
@@ -77,9 +77,9 @@ def add_parser(subparsers) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from .records import distributed_state
-    from .search import save_winning_cascade, search_savers
-    from .storage import check_output_folder
+    from ..records import distributed_state
+    from ..storage import check_output_folder
+    from ..workflows.search import save_winning_cascade, search_savers
 
     if args.out is not None:
         check_output_folder(args.out, overwrite=args.overwrite, kind="cascade", option="--out")

@@ -1,0 +1,1 @@
+"""The library side of every command: cascade, ESN, search, timing and the demo."""
