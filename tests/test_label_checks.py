@@ -22,7 +22,8 @@ from conftest import SHARED, requires_shared
 from hf_tinysaver.commands import main as tinysaver
 from hf_tinysaver.labels import align_dataset_labels, label_order_warnings
 from hf_tinysaver.records import record
-from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade, load_dataset_split
+from hf_tinysaver.sources import load_dataset_split, load_model
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade
 from tiny_models import timm_classifier
 
 CIFAR = SHARED / "datasets" / "cifar10-jpeg"
@@ -117,8 +118,6 @@ def test_align_dataset_labels_normalises_names_and_ignores_generic_ones():
 @pytest.mark.slow
 @requires_shared("datasets/imagenet-val-1300", "models/cifar10-resnet")
 def test_the_real_assets_align_as_they_are_without_a_warning():
-    from hf_tinysaver.workflows.cascade import load_model
-
     pairs = [
         ("cifar10", "test[:10]", "cifar10-resnet20"),
         ("imagenet-val-1300", "validation[:10]", "efficientnet-lite2"),

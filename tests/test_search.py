@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, requires_shared
-from hf_tinysaver import search as search_module
 from hf_tinysaver.commands import main as cli_main
 from hf_tinysaver.models.confidence import compute_confidence
 from hf_tinysaver.records import Records
+from hf_tinysaver.workflows import search as search_module
 from hf_tinysaver.workflows.search import (
     SaverCandidate,
     drop_key,

@@ -2,7 +2,8 @@
 
 Every model argument accepts a model instance, a zoo name (`hf_tinysaver.zoo.ZOO`), a local `save_pretrained` folder
 or a Hub id; every dataset argument a zoo dataset name (`"cifar10"`, `"imagenet-val-1300"`), a local dataset folder,
-a Hub dataset id or a loaded `datasets.Dataset`.
+a Hub dataset id or a loaded `datasets.Dataset`. Which one a string is, [`hf_tinysaver.sources.parse_source`] decides
+(an existing local path wins over a zoo name, a zoo name over a Hub id).
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from ..records import (
     LABEL_COLUMNS,
     Records,
     _find_column,
-    _resolve_dataset,
     distributed_state,
     pair_from_records,
     prepare_images,
     record,
 )
+from ..sources import dataset_name, load_dataset_split, load_model, resolve_dataset_source, split_name
 from ..storage import atomic_folder, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -50,100 +51,6 @@ OBJECTIVE_PARAMETERS = {
     "budget": ("relative_macs",),
     "agreement": ("max_disagreement", "confidence_level"),
 }
-
-
-def resolve_dataset_source(dataset: Any, assets: str | os.PathLike | None = None) -> Any:
-    """Turns a zoo dataset name into its local folder; other sources are returned unchanged.
-
-    Args:
-        dataset: A zoo dataset name, a local folder, a Hub dataset id or a loaded `datasets.Dataset`.
-        assets: The assets folder for zoo datasets (default: `TINYSAVER_ASSETS`, then `../shared`).
-
-    Returns:
-        What `datasets.load_dataset` (or [`record`]) accepts.
-    """
-    from ..zoo import ZOO_DATASETS
-    from ..zoo.assets import asset_path, resolve_assets
-
-    if isinstance(dataset, str) and dataset in ZOO_DATASETS and not os.path.exists(dataset):
-        return str(asset_path(resolve_assets(assets), ZOO_DATASETS[dataset]))
-    return dataset
-
-
-def load_dataset_split(
-    dataset: Any, split: str | None, assets: str | os.PathLike | None = None, shuffle_seed: int | None = None
-):
-    """Loads one split (with `datasets` slicing, e.g. `"test[50%:]"`) of a zoo, local or Hub dataset.
-
-    With `shuffle_seed`, the whole named split is permuted with that seed before the slice is taken (as in
-    [`record`]).
-    """
-    return _resolve_dataset(
-        resolve_dataset_source(dataset, assets), split, fingerprint_files=False, shuffle_seed=shuffle_seed
-    )[0]
-
-
-def dataset_name(dataset: Any) -> str:
-    """A readable name of a dataset argument for results files."""
-    if isinstance(dataset, (str, os.PathLike)):
-        return str(dataset)
-    info = getattr(dataset, "info", None)
-    return (getattr(info, "dataset_name", None) if info else None) or type(dataset).__name__
-
-
-def _edit_distance(first: str, second: str) -> int:
-    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions."""
-    previous = list(range(len(second) + 1))
-    for i, first_char in enumerate(first, 1):
-        current = [i]
-        for j, second_char in enumerate(second, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (first_char != second_char)))
-        previous = current
-    return previous[-1]
-
-
-def unknown_model_error(name: str | os.PathLike, cause: BaseException | None = None) -> ValueError:
-    """The error for a model name that is no zoo name, no local folder and no loadable Hub id.
-
-    One line that names the three kinds of source, suggests the closest zoo name and lists them all.
-    """
-    from huggingface_hub import constants
-
-    from ..zoo import ZOO
-
-    name = str(name)
-    distances = {zoo_name: _edit_distance(name.lower(), zoo_name) for zoo_name in ZOO}
-    closest = min(distances, key=distances.get)
-    hint = f" Did you mean {closest!r}?" if distances[closest] <= max(2, len(closest) // 4) else ""
-    hub = "a Hub id reachable offline (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "a loadable Hub id"
-    reason = ""
-    if cause is not None and not constants.HF_HUB_OFFLINE:  # offline, the cause only says "cannot connect"
-        reason = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-        reason = f" ({type(cause).__name__}: {reason})" if reason else f" ({type(cause).__name__})"
-    return ValueError(
-        f"Model {name!r} is neither a zoo name, nor a local model folder, nor {hub}{reason}.{hint} Zoo names: "
-        f"{', '.join(ZOO)}."
-    )
-
-
-def load_model(model: Any, assets: str | os.PathLike | None = None):
-    """Loads a classifier from a zoo name, a local folder or a Hub id (instances pass through).
-
-    Raises:
-        ValueError: When a name is neither a zoo name, nor a local folder, nor a Hub id that loads (see
-            [`unknown_model_error`]).
-    """
-    from ..models.modeling_tinysaver import load_classifier
-    from ..zoo import ZOO, load_zoo_model
-
-    if isinstance(model, str) and model in ZOO and not os.path.exists(model):
-        return load_zoo_model(model, assets=assets)
-    if isinstance(model, (str, os.PathLike)) and not os.path.isdir(model):
-        try:
-            return load_classifier(model)
-        except OSError as error:  # transformers' "not found / cannot connect" and huggingface_hub's errors
-            raise unknown_model_error(model, error) from error
-    return load_classifier(model)
 
 
 def build_cascade(saver: Any, base: Any, assets: str | os.PathLike | None = None, **kwargs):
@@ -526,7 +433,8 @@ def evaluate_cascade(
         raise ValueError("The cascade has no MACs recorded in its config; rebuild it with from_saver_and_base.")
     state = distributed_state()
     source = resolve_dataset_source(dataset, assets)
-    data, _, split = _resolve_dataset(source, split, fingerprint_files=False, shuffle_seed=shuffle_seed)
+    data = load_dataset_split(source, split, shuffle_seed=shuffle_seed)
+    split = split_name(data, split)
     image_column = _find_column(data, None, IMAGE_COLUMNS, "image", required=True)
     label_column = _find_column(data, None, LABEL_COLUMNS, "label", required=True)
     labels, _ = dataset_labels(
@@ -612,24 +520,17 @@ def load_cascade_metric():
     """The `evaluate` metric shipped with hf_tinysaver (accuracy, base accuracy, exit rate, agreement), offline."""
     import evaluate
 
-    return evaluate.load(str(Path(__file__).parent / "metrics" / "cascade_accuracy.py"))
+    return evaluate.load(str(Path(__file__).parents[1] / "metrics" / "cascade_accuracy.py"))
 
 
 __all__ = [
     "OBJECTIVE_PARAMETERS",
     "build_cascade",
     "calibrate_cascade",
-    "dataset_name",
     "evaluate_cascade",
     "load_cascade_metric",
-    "load_dataset_split",
-    "load_model",
     "record_sub_models",
-    "resolve_dataset_source",
     "save_calibrated_cascade",
     "simulation_for",
-    "unknown_model_error",
     "write_curve_csv",
-    "write_json_atomic",
-    "write_text_atomic",
 ]

@@ -42,7 +42,7 @@ DEMO_TASKS = {
 
 def missing_assets(task: dict, assets: str | os.PathLike | None) -> list[str]:
     """Lists, one line each, every file or package the task needs that is not there."""
-    from ..zoo import ZOO_DATASETS, get_zoo_entry
+    from ..zoo import get_zoo_entry, zoo_dataset_folder
     from ..zoo.assets import resolve_assets
 
     try:
@@ -50,9 +50,13 @@ def missing_assets(task: dict, assets: str | os.PathLike | None) -> list[str]:
     except FileNotFoundError as error:
         return [str(error)]
     missing = []
-    dataset_folder = root / ZOO_DATASETS[task["dataset"]]
-    if not (dataset_folder / "data").is_dir():
-        missing.append(f"dataset {task['dataset']!r}: expected the parquet files under {dataset_folder / 'data'}")
+    try:
+        dataset_folder = zoo_dataset_folder(task["dataset"], root)
+    except FileNotFoundError as error:
+        missing.append(f"dataset {task['dataset']!r}: {error}")
+    else:
+        if not (dataset_folder / "data").is_dir():
+            missing.append(f"dataset {task['dataset']!r}: expected the parquet files under {dataset_folder / 'data'}")
     for name in [task["base"], *task["candidates"]]:
         entry = get_zoo_entry(name)
         if entry.asset is not None and not (root / entry.asset).is_file():
@@ -148,8 +152,9 @@ def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, st
     """Steps 1 to 5 of the demo, writing into `out` (the temporary folder swapped in when all succeeded)."""
     from transformers import pipeline
 
+    from ..sources import load_dataset_split
     from ..storage import write_json_atomic
-    from .cascade import evaluate_cascade, load_dataset_split
+    from .cascade import evaluate_cascade
     from .search import save_winning_cascade, search_savers
     from .timing import time_cascade
 

@@ -679,29 +679,6 @@ def _source_name(source: Any, index: int) -> str:
     return str(name) if name else f"candidate-{index}"
 
 
-def _load_config(source: Any, assets: str | os.PathLike | None):
-    """The classifier config of a model source, without loading its weights where possible."""
-    from transformers import AutoConfig, PreTrainedModel
-
-    from ..models.modeling_tinysaver import load_classifier
-    from ..zoo import ZOO, cached_zoo_folder
-
-    if isinstance(source, PreTrainedModel):
-        return source.config
-    if not isinstance(source, (str, os.PathLike)):
-        return load_classifier(source).config
-    if str(source) in ZOO and not os.path.exists(source):
-        return AutoConfig.from_pretrained(cached_zoo_folder(str(source), assets))
-    if os.path.isdir(source):
-        return AutoConfig.from_pretrained(str(source))
-    try:
-        return AutoConfig.from_pretrained(str(source))
-    except OSError as error:
-        from .cascade import unknown_model_error
-
-        raise unknown_model_error(source, error) from error
-
-
 def _record_model(
     source, role, model, data_source, split, batch_size, cache_dir, progress, name, shuffle_seed, label_map, id2label
 ) -> Records:
@@ -801,7 +778,7 @@ def search_savers(
     ```
     """
     from ..models.modeling_tinysaver import check_label_spaces, find_macs, find_preprocessing
-    from .cascade import dataset_name, load_model, resolve_dataset_source
+    from ..sources import dataset_name, load_model, load_model_config, resolve_dataset_source
 
     if isinstance(candidate_table, (str, os.PathLike)):
         candidate_table = load_candidate_table(candidate_table)
@@ -835,7 +812,7 @@ def search_savers(
     for index, source in enumerate(candidates, start=1):
         name = _source_name(source, index)
         sources[name] = source
-        config = _load_config(source, assets)
+        config = load_model_config(source, assets)
         macs = table.get(name, {}).get("macs") or getattr(config, "macs", None)
         try:
             check_label_spaces(config, base_config)

@@ -19,7 +19,7 @@ True
 """
 
 from .assets import resolve_assets
-from .data import ZOO_DATASETS, imagenet_label_names, load_zoo_dataset
+from .data import ZOO_DATASETS, imagenet_label_names, load_zoo_dataset, zoo_dataset_folder
 from .registry import (
     ZOO,
     ZOO_MODELS,
@@ -44,4 +44,5 @@ __all__ = [
     "load_zoo_dataset",
     "load_zoo_model",
     "resolve_assets",
+    "zoo_dataset_folder",
 ]

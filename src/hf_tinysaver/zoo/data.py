@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 
 from .assets import asset_path, resolve_assets
 
@@ -38,10 +39,26 @@ def load_zoo_dataset(name: str, split: str, assets: str | os.PathLike | None = N
     """
     import datasets
 
+    return datasets.load_dataset(str(zoo_dataset_folder(name, assets)), split=split)
+
+
+def zoo_dataset_folder(name: str, assets: str | os.PathLike | None = None) -> Path:
+    """The folder of a zoo dataset inside the assets folder.
+
+    Args:
+        name: A name from `ZOO_DATASETS`.
+        assets: The assets folder; defaults to [`resolve_assets`]'s search.
+
+    Returns:
+        The existing folder.
+
+    Raises:
+        ValueError: `name` is no zoo dataset.
+        FileNotFoundError: The assets folder or the dataset's folder in it is missing (the message says where).
+    """
     if name not in ZOO_DATASETS:
         raise ValueError(f"Unknown zoo dataset {name!r}; choose one of {sorted(ZOO_DATASETS)}.")
-    folder = asset_path(resolve_assets(assets), ZOO_DATASETS[name])
-    return datasets.load_dataset(str(folder), split=split)
+    return asset_path(resolve_assets(assets), ZOO_DATASETS[name])
 
 
 @lru_cache(maxsize=1)
@@ -65,4 +82,4 @@ def imagenet_label_names() -> tuple[str, ...]:
     )
 
 
-__all__ = ["ZOO_DATASETS", "imagenet_label_names", "load_zoo_dataset"]
+__all__ = ["ZOO_DATASETS", "imagenet_label_names", "load_zoo_dataset", "zoo_dataset_folder"]
