@@ -32,6 +32,7 @@ from hf_tinysaver.zoo import (
     load_zoo_model,
     registry,
     resolve_assets,
+    zoo_dataset_folder,
 )
 from hf_tinysaver.zoo.assets import cache_root
 from hf_tinysaver.zoo.mobilenet_tflite import TFLiteImageClassifier, pixel_values_to_uint8
@@ -281,6 +282,14 @@ def test_zoo_datasets_load_with_load_dataset():
     assert load_zoo_dataset("cifar10", "train[:10]").num_rows == 10
     with pytest.raises(ValueError, match="imagenet-val-1300"):
         load_zoo_dataset("mnist", "test")
+
+
+def test_zoo_dataset_folder_names_the_folder_or_what_is_missing(tmp_path):
+    assert zoo_dataset_folder("imagenet-val-1300", SHARED) == SHARED / "datasets" / "imagenet-val-1300"
+    with pytest.raises(ValueError, match="Unknown zoo dataset 'mnist'; choose one of"):
+        zoo_dataset_folder("mnist", SHARED)
+    with pytest.raises(FileNotFoundError, match="Missing asset 'cifar10-jpeg': expected at"):
+        zoo_dataset_folder("cifar10", tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ ZOO_DATASETS = {
 def load_zoo_dataset(name: str, split: str, assets: str | os.PathLike | None = None):
     """Loads one of the zoo's datasets from the assets folder with `datasets.load_dataset`.
 
+    [`hf_tinysaver.sources.load_dataset_split`] loads them too (`"cifar10"` there is this dataset unless a local
+    folder of that name exists), with `shuffle_seed` and every other kind of dataset source.
+
     Args:
         name: `"cifar10"` (splits `train` and `test`) or `"imagenet-val-1300"` (split `validation`).
         split: The split, with `datasets` slicing if wanted (`"test[:50%]"`).
