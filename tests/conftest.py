@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
@@ -20,20 +23,74 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYSAVER_ASSETS", REPO_ROOT.parent / "shared"))
 
 
-# Prepended to scripts run in a fresh process: makes `import hf_tinysaver` fail there, as on a machine where only
-# transformers is installed, so loading must go through the saved remote code.
-BLOCK_HF_TINYSAVER = """import importlib.abc
+# Wrapped around every script `run_without_hf_tinysaver` runs. A finder placed first on `sys.meta_path` answers every
+# `hf_tinysaver` import with ModuleNotFoundError, as on a machine where only transformers is installed, whichever way
+# the library is installed (a path in a .pth or PYTHONPATH, an editable finder, site-packages).
+FRESH_PROCESS_PRELUDE = """import importlib.abc
 import sys
 
 
 class BlockHfTinySaver(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "hf_tinysaver" or name.startswith("hf_tinysaver."):
-            raise ImportError("hf_tinysaver is blocked in this process")
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden in this process)", name=name)
 
 
 sys.meta_path.insert(0, BlockHfTinySaver())
+OUTPUT_PATH = sys.argv.pop()
 """
+FRESH_PROCESS_EPILOGUE = """
+import torch
+
+leaked = sorted(name for name in sys.modules if name == "hf_tinysaver" or name.startswith("hf_tinysaver."))
+if leaked:
+    raise SystemExit(f"hf_tinysaver modules were imported in the fresh process: {leaked}")
+torch.save(result, OUTPUT_PATH)
+"""
+
+
+def fresh_process_environment(hf_home: Path, **overrides: str) -> dict[str, str]:
+    """This process's environment without PYTHONPATH or any Hugging Face setting, offline, with its own `HF_HOME`."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "PYTHONPATH" and not key.startswith(("HF_", "HUGGING"))
+    }
+    environment.update(
+        HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", **overrides
+    )
+    return environment
+
+
+@pytest.fixture(scope="session")
+def run_without_hf_tinysaver():
+    """Runs a script in a new Python process where `hf_tinysaver` cannot be imported and returns its `result`.
+
+    The script gets its arguments in `sys.argv[1:]` and must end with a dict named `result` that holds, under
+    `"module"`, the `__module__` of the model class it loaded; the call checks that this class came from remote code
+    (`transformers_modules...`) and that no `hf_tinysaver` module was imported. `HF_HOME` is `cwd / "hf_home"`, so two
+    runs in one `cwd` share the Hub cache; `env` overrides the offline environment of `fresh_process_environment`.
+    """
+
+    def run(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> dict:
+        script_path = cwd / "fresh_process.py"
+        script_path.write_text(FRESH_PROCESS_PRELUDE + textwrap.dedent(script) + FRESH_PROCESS_EPILOGUE)
+        output_path = cwd / "fresh_process_result.pt"
+        output_path.unlink(missing_ok=True)
+        completed = subprocess.run(
+            [sys.executable, str(script_path), *map(str, args), str(output_path)],
+            env=fresh_process_environment(cwd / "hf_home", **(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        result = torch.load(output_path, weights_only=False)
+        assert result["module"].startswith("transformers_modules."), result["module"]
+        return result
+
+    return run
 
 
 def requires_shared(*relative_paths: str):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import datasets
 import numpy as np
@@ -14,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import BLOCK_HF_TINYSAVER, random_images
+from conftest import random_images
 from hf_tinysaver import (
     CIFAR10_LABELS,
     CifarResNetConfig,
@@ -499,23 +495,21 @@ def test_config_validates_thresholds_and_always_writes_the_esn_keys():
 # --- save / load ------------------------------------------------------------------------------------------------
 
 
-FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
-    """
-    import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+FRESH_PROCESS_SCRIPT = """
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-    directory, images_path, out_path = sys.argv[1:4]
-    model = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True)
-    processor = AutoImageProcessor.from_pretrained(directory, trust_remote_code=True)
-    images = [Image.fromarray(a.numpy()) for a in torch.load(images_path)]
-    with torch.no_grad():
-        outputs = model(**processor(images=images, return_tensors="pt"))
-    predictions = pipeline("image-classification", model=directory, trust_remote_code=True)(images[0], top_k=2)
-    torch.save({"logits": outputs.logits, "exit_index": outputs.exit_index, "module": type(model).__module__,
-                "training": model.training, "predictions": predictions}, out_path)
-    """
-)
+directory, images_path = sys.argv[1:3]
+model = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(directory, trust_remote_code=True)
+images = [Image.fromarray(a.numpy()) for a in torch.load(images_path)]
+with torch.no_grad():
+    outputs = model(**processor(images=images, return_tensors="pt"))
+predictions = pipeline("image-classification", model=directory, trust_remote_code=True)(images[0], top_k=2)
+result = {"logits": outputs.logits, "exit_index": outputs.exit_index, "module": type(model).__module__,
+          "training": model.training, "predictions": predictions}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -576,28 +570,11 @@ def test_reload_gives_identical_answers_and_stays_frozen(saved_esn):
     assert processor.base_preprocessing == model.config.base_preprocessing
 
 
-def test_fresh_process_without_hf_tinysaver_loads_with_remote_code(saved_esn, tmp_path):
+def test_fresh_process_without_hf_tinysaver_loads_with_remote_code(saved_esn, tmp_path, run_without_hf_tinysaver):
     directory, model, arrays, inputs = saved_esn
     torch.save(arrays, tmp_path / "images.pt")
-    (tmp_path / "load.py").write_text(FRESH_PROCESS_SCRIPT)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "PYTHONPATH": "",
-        "OMP_NUM_THREADS": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "load.py", str(directory), "images.pt", "out.pt"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert out["module"].startswith("transformers_modules") and not out["training"]
+    out = run_without_hf_tinysaver(FRESH_PROCESS_SCRIPT, directory, tmp_path / "images.pt", cwd=tmp_path)
+    assert not out["training"]
     with torch.no_grad():
         expected = model(**inputs)
     assert torch.equal(out["exit_index"], expected.exit_index)

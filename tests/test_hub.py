@@ -11,9 +11,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,6 @@ from huggingface_hub import HfApi, hf_hub_download
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import BLOCK_HF_TINYSAVER
 from hf_tinysaver import TinySaverForImageClassification
 from hf_tinysaver.hub.push import HubPushError, push_cascade
 from hub_server import DEFAULT_TOKEN
@@ -154,30 +150,28 @@ def test_pipeline_by_repo_id(hub_env, pushed, images):
     assert [p[0]["label"] for p in predictions] == [cascade.config.id2label[int(i)] for i in expected]
 
 
-FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
-    """
-    import re
-    import torch
-    from huggingface_hub import hf_hub_download
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+FRESH_PROCESS_SCRIPT = """
+import re
+import torch
+from huggingface_hub import hf_hub_download
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-    repo_id, images_path, out_path = sys.argv[1:4]
-    model = AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)
-    processor = AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True)
-    images = [Image.fromarray(array.numpy()) for array in torch.load(images_path)]
-    with torch.no_grad():
-        outputs = model(**processor(images=images, return_tensors="pt"))
-    predictions = pipeline("image-classification", model=repo_id, trust_remote_code=True)(images[0], top_k=3)
-    # The model card's usage snippets must run exactly as written.
-    card = open(hf_hub_download(repo_id, "README.md"), encoding="utf-8").read()
-    snippets = re.findall(r"```python\\n(.*?)```", card, flags=re.S)
-    for snippet in snippets:
-        exec(compile(snippet, "README.md", "exec"), {"__name__": "__snippet__"})
-    torch.save({"logits": outputs.logits, "exited": outputs.exited, "class": type(model).__module__,
-                "predictions": predictions, "snippets": len(snippets)}, out_path)
-    """
-)
+repo_id, images_path = sys.argv[1:3]
+model = AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True)
+images = [Image.fromarray(array.numpy()) for array in torch.load(images_path)]
+with torch.no_grad():
+    outputs = model(**processor(images=images, return_tensors="pt"))
+predictions = pipeline("image-classification", model=repo_id, trust_remote_code=True)(images[0], top_k=3)
+# The model card's usage snippets must run exactly as written.
+card = open(hf_hub_download(repo_id, "README.md"), encoding="utf-8").read()
+snippets = re.findall(r"```python\\n(.*?)```", card, flags=re.S)
+for snippet in snippets:
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "__snippet__"})
+result = {"logits": outputs.logits, "exited": outputs.exited, "module": type(model).__module__,
+          "predictions": predictions, "snippets": len(snippets)}
+"""
 
 
 def _closed_port_url() -> str:
@@ -186,32 +180,21 @@ def _closed_port_url() -> str:
         return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
 
-def test_fresh_process_without_hf_tinysaver_loads_by_repo_id_then_offline(fake_hub, pushed, images, tmp_path):
+def test_fresh_process_without_hf_tinysaver_loads_by_repo_id_then_offline(
+    fake_hub, pushed, images, tmp_path, run_without_hf_tinysaver
+):
     arrays = torch.stack([torch.from_numpy(np.array(image.resize((40, 40)))) for image in images[:4]])
     torch.save(arrays, tmp_path / "images.pt")
-    script = tmp_path / "load.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    base_env.update(PYTHONPATH="", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1")
 
-    def run(env: dict, out: Path) -> dict:
-        result = subprocess.run(
-            [sys.executable, str(script), REPO_ID, str(tmp_path / "images.pt"), str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return torch.load(out, weights_only=False)
+    def run(**env: str) -> dict:
+        return run_without_hf_tinysaver(FRESH_PROCESS_SCRIPT, REPO_ID, tmp_path / "images.pt", cwd=tmp_path, env=env)
 
-    online = run({**base_env, "HF_ENDPOINT": fake_hub.endpoint, "HF_HUB_DISABLE_XET": "1"}, tmp_path / "on.pt")
+    online = run(HF_ENDPOINT=fake_hub.endpoint, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
     requests_before = len(fake_hub.requests)
-    offline = run({**base_env, "HF_ENDPOINT": _closed_port_url(), "HF_HUB_OFFLINE": "1"}, tmp_path / "off.pt")
+    offline = run(HF_ENDPOINT=_closed_port_url())
     assert len(fake_hub.requests) == requests_before
 
-    assert online["class"].startswith("transformers_modules") and offline["class"] == online["class"]
+    assert offline["module"] == online["module"]
     assert online["snippets"] == 2
     cascade = pushed["cascade"]
     inputs = cascade.get_image_processor()(images=[Image.fromarray(a.numpy()) for a in arrays], return_tensors="pt")

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import BLOCK_HF_TINYSAVER, random_images
+from conftest import random_images
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverForImageClassification
 from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing
 
@@ -89,62 +85,37 @@ def test_reload_with_library_imported_gives_identical_logits(saved_cascade, imag
     assert torch.equal(actual.logits, expected.logits) and torch.equal(actual.exited, expected.exited)
 
 
-FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
-    """
-    import json
-    import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+FRESH_PROCESS_SCRIPT = """
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-    try:
-        import hf_tinysaver  # noqa: F401
-        raise SystemExit("hf_tinysaver must not be importable here")
-    except ImportError:
-        pass
-
-    directory, images_path, out_path = sys.argv[1:4]
-    model = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True)
-    processor = AutoImageProcessor.from_pretrained(directory, trust_remote_code=True)
-    images = torch.load(images_path)
-    inputs = processor(images=[Image.fromarray(a.numpy()) for a in images], return_tensors="pt")
-    with torch.no_grad():
-        outputs = model(**inputs)
-        model.optimize_for_inference()
-        folded = sum(type(module).__name__ == "BatchNormFoldedConv2d" for module in model.modules())
-        half = len(images) // 2
-        batches = [{key: value[:half] for key, value in inputs.items()}, {key: value[half:] for key, value in inputs.items()}]
-        streamed = torch.cat([output.logits for output in model.forward_stream(batches, base_batch_size=2)])
-    classifier = pipeline("image-classification", model=directory, trust_remote_code=True)
-    predictions = classifier(Image.fromarray(images[0].numpy()), top_k=3)
-    torch.save({"logits": outputs.logits, "exited": outputs.exited, "class": type(model).__module__,
-                "predictions": predictions, "folded": folded, "optimized_streamed_logits": streamed}, out_path)
-    """
-)
+directory, images_path = sys.argv[1:3]
+model = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(directory, trust_remote_code=True)
+images = torch.load(images_path)
+inputs = processor(images=[Image.fromarray(a.numpy()) for a in images], return_tensors="pt")
+with torch.no_grad():
+    outputs = model(**inputs)
+    model.optimize_for_inference()
+    folded = sum(type(module).__name__ == "BatchNormFoldedConv2d" for module in model.modules())
+    half = len(images) // 2
+    batches = [{key: value[:half] for key, value in inputs.items()}, {key: value[half:] for key, value in inputs.items()}]
+    streamed = torch.cat([output.logits for output in model.forward_stream(batches, base_batch_size=2)])
+classifier = pipeline("image-classification", model=directory, trust_remote_code=True)
+predictions = classifier(Image.fromarray(images[0].numpy()), top_k=3)
+result = {"logits": outputs.logits, "exited": outputs.exited, "module": type(model).__module__,
+          "predictions": predictions, "folded": folded, "optimized_streamed_logits": streamed}
+"""
 
 
-def test_fresh_process_without_hf_tinysaver_loads_with_remote_code(saved_cascade, images, tmp_path):
+def test_fresh_process_without_hf_tinysaver_loads_with_remote_code(
+    saved_cascade, images, tmp_path, run_without_hf_tinysaver
+):
     directory, cascade = saved_cascade
     arrays = torch.stack([torch.from_numpy(__import__("numpy").array(image.resize((40, 40)))) for image in images])
     torch.save(arrays, tmp_path / "images.pt")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "PYTHONPATH": "",
-    }
-    script = tmp_path / "load.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(directory), str(tmp_path / "images.pt"), str(tmp_path / "out.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert out["class"].startswith("transformers_modules"), out["class"]
+    out = run_without_hf_tinysaver(FRESH_PROCESS_SCRIPT, directory, tmp_path / "images.pt", cwd=tmp_path)
 
     processor = cascade.get_image_processor()
     inputs = processor(images=[Image.fromarray(a.numpy()) for a in arrays], return_tensors="pt")

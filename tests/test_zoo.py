@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_tinysaver
-from conftest import BLOCK_HF_TINYSAVER, SHARED, requires_shared
+from conftest import SHARED, requires_shared
 from hf_tinysaver.commands import main as cli_main
 from hf_tinysaver.models.image_processing_tinysaver import TinySaverImageProcessor
 from hf_tinysaver.zoo import (
@@ -370,43 +368,28 @@ def test_mobilenet_subset_agrees_with_int8_interpreter(name, images, imagenet):
     assert 100 * (float_predictions == labels).mean() == pytest.approx(MOBILENET_INT8_TOP1[name], abs=14)
 
 
-FRESH_PROCESS_SCRIPT = BLOCK_HF_TINYSAVER + textwrap.dedent(
-    """
-    import torch
-    from PIL import Image
-    from transformers import pipeline
+FRESH_PROCESS_SCRIPT = """
+import torch
+from PIL import Image
+from transformers import pipeline
 
-    directory, image_path, out_path = sys.argv[1:4]
-    classifier = pipeline("image-classification", model=directory, trust_remote_code=True)
-    inputs = classifier.image_processor(images=Image.open(image_path), return_tensors="pt")
-    with torch.no_grad():
-        logits = classifier.model(**inputs).logits
-    top = classifier(Image.open(image_path), top_k=2)
-    torch.save({"logits": logits, "top": top, "module": type(classifier.model).__module__}, out_path)
-    """
-)
+directory, image_path = sys.argv[1:3]
+classifier = pipeline("image-classification", model=directory, trust_remote_code=True)
+inputs = classifier.image_processor(images=Image.open(image_path), return_tensors="pt")
+with torch.no_grad():
+    logits = classifier.model(**inputs).logits
+top = classifier(Image.open(image_path), top_k=2)
+result = {"logits": logits, "top": top, "module": type(classifier.model).__module__}
+"""
 
 
 @pytest.mark.slow
 @requires_shared(CIFAR_WEIGHTS, CIFAR_DATA)
-def test_cifar_export_runs_without_hf_tinysaver(tmp_path):
+def test_cifar_export_runs_without_hf_tinysaver(tmp_path, run_without_hf_tinysaver):
     directory = export_zoo_model("cifar10-resnet32", tmp_path / "model")
     example = load_zoo_dataset("cifar10", "test[:1]")[0]
     example["image"].save(tmp_path / "image.png")
-    script = tmp_path / "load.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(directory), str(tmp_path / "image.png"), str(tmp_path / "out.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert out["module"].startswith("transformers_modules")
+    out = run_without_hf_tinysaver(FRESH_PROCESS_SCRIPT, directory, tmp_path / "image.png", cwd=tmp_path)
     model = load_zoo_model("cifar10-resnet32")
     processor = TinySaverImageProcessor(preprocessing=model.config.preprocessing)
     with torch.no_grad():
