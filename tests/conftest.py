@@ -56,9 +56,8 @@ def fresh_process_environment(hf_home: Path, **overrides: str) -> dict[str, str]
         for key, value in os.environ.items()
         if key != "PYTHONPATH" and not key.startswith(("HF_", "HUGGING"))
     }
-    environment.update(
-        HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", **overrides
-    )
+    environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+    environment.update(overrides)
     return environment
 
 
