@@ -13,13 +13,15 @@ from hypothesis import strategies as st
 from scipy import optimize, stats
 
 from hf_tinysaver import calibration
-from hf_tinysaver.calibration.simulation import (
+from hf_tinysaver.calibration import (
     GUARANTEE_CREDITS,
     CascadeSimulation,
     InfeasibleTargetError,
     clopper_pearson_lower,
     clopper_pearson_upper,
     fit_temperature,
+    largest_count_with_upper_at_most,
+    smallest_count_with_lower_at_least,
 )
 from hf_tinysaver.models.confidence import compute_confidence
 
@@ -459,7 +461,7 @@ def test_fit_temperature_clamps_to_the_range():
 def test_docstring_examples_run():
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for name in ("CascadeSimulation", "fit_temperature"):
+    for name in ("CascadeSimulation", "fit_temperature", "clopper_pearson_upper", "clopper_pearson_lower"):
         text = getattr(calibration, name).__doc__.replace("```python", "").replace("```", "")
         test = parser.get_doctest(text, {}, name, None, 0)
         runner.run(test)
@@ -471,8 +473,8 @@ def test_count_bisection_matches_direct_bounds():
     counts = np.arange(n + 1)
     upper, lower = clopper_pearson_upper(counts, n, level), clopper_pearson_lower(counts, n, level)
     bounds = np.array([0.0, 1e-4, 0.01, 0.05, 0.3, 0.999, 1.0, 1.5])
-    largest = calibration._largest_count_with_upper_at_most(bounds, n, level)
-    smallest = calibration._smallest_count_with_lower_at_least(bounds, n, level)
+    largest = largest_count_with_upper_at_most(bounds, n, level)
+    smallest = smallest_count_with_lower_at_least(bounds, n, level)
     for bound, expected_largest, expected_smallest in zip(bounds, largest, smallest, strict=True):
         admitted_upper = counts[upper <= bound]
         admitted_lower = counts[lower >= bound]

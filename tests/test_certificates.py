@@ -15,8 +15,9 @@ from hf_tinysaver.calibration.certification import (
     certificate_grid,
     certify_fixed_sequence,
     drop_upper_bounds,
+    plan_calibration_size,
 )
-from hf_tinysaver.calibration.simulation import CascadeSimulation, plan_calibration_size
+from hf_tinysaver.calibration.simulation import CascadeSimulation
 from hf_tinysaver.commands import main as tinysaver
 from hf_tinysaver.hub.model_card import generate_model_card
 

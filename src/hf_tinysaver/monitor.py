@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration.simulation import clopper_pearson_lower, clopper_pearson_upper
+from .calibration.bounds import clopper_pearson_lower, clopper_pearson_upper
 
 logger = logging.getLogger(__name__)
 

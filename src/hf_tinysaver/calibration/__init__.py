@@ -1,8 +1,13 @@
-"""Calibration: the simulated cascade over recorded logits, its objectives, and the certified bounds."""
+"""Calibration: the simulated cascade over recorded logits, its objectives, the binomial bounds and the certificates
+built on them."""
 
+from .bounds import *  # noqa: F403
+from .bounds import __all__ as _bounds_all
 from .certification import *  # noqa: F403
 from .certification import __all__ as _certification_all
+from .checks import *  # noqa: F403
+from .checks import __all__ as _checks_all
 from .simulation import *  # noqa: F403
 from .simulation import __all__ as _simulation_all
 
-__all__ = sorted(set(_simulation_all) | set(_certification_all))
+__all__ = sorted(set(_bounds_all) | set(_certification_all) | set(_checks_all) | set(_simulation_all))

@@ -31,7 +31,7 @@ Tests (`CERTIFICATE_METHODS`), each valid at a fixed threshold for i.i.d. calibr
   (McNemar-type) comparison; its width scales with the discordance rate, not with the accuracies.
 - `"cp-difference"`: a Clopper-Pearson upper bound on `p_harm` minus a lower bound on `p_gain`, each at level
   `alpha / 2` (union bound). Valid, looser: the two widths add.
-- `"clopper-pearson"`: the original guarantee (`GUARANTEE_CREDITS` in `calibration.py`): harm and gain bounds at
+- `"clopper-pearson"`: the original guarantee (`GUARANTEE_CREDITS` in `simulation.py`): harm and gain bounds at
   a handful of fixed credits with a Bonferroni correction; every point of the curve that passes is certified at
   once because harms and gains only grow as the threshold falls. Kept for comparison.
 
@@ -44,6 +44,9 @@ import math
 from typing import Any
 
 import numpy as np
+
+from .bounds import clopper_pearson_lower, clopper_pearson_upper
+from .checks import check_confidence_level, check_number
 
 CERTIFICATE_METHODS = ("discordant-binomial", "cp-difference", "clopper-pearson")
 DEFAULT_CERTIFICATE = "discordant-binomial"
@@ -92,8 +95,6 @@ def drop_upper_bounds(
     Returns:
         Bounds of the shape of `harms`, each in [-1, 1].
     """
-    from .simulation import clopper_pearson_lower, clopper_pearson_upper
-
     harms, gains = np.asarray(harms, dtype=np.int64), np.asarray(gains, dtype=np.int64)
     alpha = 1.0 - confidence_level
     if method == "discordant-binomial":
@@ -265,7 +266,7 @@ def plan_calibration_size(
 
     ```python
     >>> import numpy as np
-    >>> from hf_tinysaver.calibration.simulation import CascadeSimulation, plan_calibration_size
+    >>> from hf_tinysaver.calibration import CascadeSimulation, plan_calibration_size
 
     >>> rng = np.random.default_rng(0)
     >>> confidence = rng.uniform(size=4000)
@@ -277,10 +278,8 @@ def plan_calibration_size(
     True
     ```
     """
-    from .simulation import check_number
-
     power = check_number("power", power, 0.0, 1.0, low_open=True, high_open=True, meaning="e.g. 0.8")
-    confidence_level = check_number("confidence_level", confidence_level, 0.0, 1.0, True, True, "e.g. 0.95")
+    confidence_level = check_confidence_level(confidence_level)
     max_drop = check_number("max_drop", max_drop, 0.0, low_open=True, meaning="points, to plan a certificate")
     if target_exit_rate is None:
         target_exit_rate = default_target_exit_rate(pilot, max_drop)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,6 +29,7 @@ import torch
 
 from ..models.confidence import compute_confidence
 from ..models.configuration_tinysaver import validate_label_mapping, validate_threshold
+from .bounds import clopper_pearson_upper, largest_count_with_upper_at_most, smallest_count_with_lower_at_least
 from .certification import (
     CERTIFICATE_METHODS,
     DEFAULT_CERTIFICATE,
@@ -38,8 +38,13 @@ from .certification import (
     certified_table,
     certify_max_drop,
     grid_counts,
-    plan_calibration_size,
 )
+
+# `x as x` re-exports plan_calibration_size and number_rule for callers that still import them from here
+# (workflows.cascade, commands.cascade); their homes are certification and checks.
+from .certification import plan_calibration_size as plan_calibration_size
+from .checks import check_confidence_level, check_number
+from .checks import number_rule as number_rule
 
 OBJECTIVES = ("paper-no-loss", "max-drop", "exit-rate", "budget", "agreement")
 
@@ -50,125 +55,6 @@ GUARANTEE_CREDITS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
 
 class InfeasibleTargetError(ValueError):
     """No threshold meets the requested target; the message names the closest achievable point."""
-
-
-def clopper_pearson_upper(successes: Any, trials: int, confidence_level: float) -> np.ndarray:
-    """One-sided Clopper-Pearson upper bound on a binomial rate.
-
-    For `successes ~ Binomial(trials, p)`, `P(p <= bound) >= confidence_level` for every `p`.
-
-    Args:
-        successes: Observed count(s), integers in `[0, trials]`.
-        trials: Number of trials.
-        confidence_level: Probability in (0, 1) that the bound holds.
-
-    Returns:
-        The bound(s), float64 in [0, 1]; 1.0 where `successes == trials`.
-    """
-    from scipy import stats  # imported on use: scipy.stats adds ~0.5 s to `import hf_tinysaver`
-
-    successes = np.asarray(successes, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        bound = stats.beta.ppf(confidence_level, successes + 1, trials - successes)
-    return np.where(successes >= trials, 1.0, bound)
-
-
-def clopper_pearson_lower(successes: Any, trials: int, confidence_level: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound on a binomial rate: `P(p >= bound) >= confidence_level`.
-
-    Args:
-        successes: Observed count(s), integers in `[0, trials]`.
-        trials: Number of trials.
-        confidence_level: Probability in (0, 1) that the bound holds.
-
-    Returns:
-        The bound(s), float64 in [0, 1]; 0.0 where `successes == 0`.
-    """
-    from scipy import stats
-
-    successes = np.asarray(successes, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        bound = stats.beta.ppf(1.0 - confidence_level, successes, trials - successes + 1)
-    return np.where(successes <= 0, 0.0, bound)
-
-
-def _largest_count_with_upper_at_most(bounds: Any, trials: int, confidence_level: float) -> np.ndarray:
-    """For each bound `q`, the largest count `k` with `clopper_pearson_upper(k) <= q` (-1 if none).
-
-    The upper bound grows with `k`, so an integer bisection needs ~log2(trials) evaluations instead of one per point
-    of the curve.
-    """
-    bounds = np.atleast_1d(np.asarray(bounds, dtype=np.float64))
-    low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
-    while np.any(high - low > 1):
-        middle = (low + high) // 2
-        active = high - low > 1
-        admitted = clopper_pearson_upper(np.clip(middle, 0, trials), trials, confidence_level) <= bounds
-        low, high = np.where(active & admitted, middle, low), np.where(active & ~admitted, middle, high)
-    return low
-
-
-def _smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_level: float) -> np.ndarray:
-    """For each bound `c`, the smallest count `k` with `clopper_pearson_lower(k) >= c` (`trials + 1` if none)."""
-    bounds = np.atleast_1d(np.asarray(bounds, dtype=np.float64))
-    low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
-    while np.any(high - low > 1):
-        middle = (low + high) // 2
-        active = high - low > 1
-        admitted = clopper_pearson_lower(np.clip(middle, 0, trials), trials, confidence_level) >= bounds
-        low, high = np.where(active & ~admitted, middle, low), np.where(active & admitted, middle, high)
-    return high
-
-
-def number_rule(
-    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
-) -> str:
-    """The rule [`check_number`] enforces, in words: `"in [0, 1]"`, `"> 0"` or `"a finite number"`."""
-    if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return "a finite number"
-
-
-def check_number(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    meaning: str = "",
-) -> float:
-    """Returns `value` as a float when it is a finite real number within the bounds, else raises a `ValueError`.
-
-    Args:
-        name: The parameter's name in the message (e.g. `"max_drop"`).
-        value: The value to check; booleans, strings, NaN and infinities are refused.
-        low: Lower bound, or None.
-        high: Upper bound, or None.
-        low_open: Whether `low` itself is excluded.
-        high_open: Whether `high` itself is excluded.
-        meaning: What the parameter is, for the message (e.g. `"a fraction of samples"`).
-
-    Returns:
-        The value as a Python float.
-    """
-    description = f"{name} must be {number_rule(low, high, low_open, high_open)}" + (
-        f" ({meaning})" if meaning else ""
-    )
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{description}, got {value!r} of type {type(value).__name__}.")
-    number = float(value)
-    if (
-        not math.isfinite(number)
-        or (low is not None and (number <= low if low_open else number < low))
-        or (high is not None and (number >= high if high_open else number > high))
-    ):
-        raise ValueError(f"{description}, got {value!r}.")
-    return number
 
 
 def check_finite_logits(logits: Any, source: str, where: str = "") -> None:
@@ -658,7 +544,7 @@ class CascadeSimulation:
                 f"certificate={certificate!r} needs a confidence_level (e.g. 0.95, --confidence-level 0.95)."
             )
         if confidence_level is not None:
-            _check_confidence_level(confidence_level)
+            check_confidence_level(confidence_level)
             certificate = DEFAULT_CERTIFICATE if certificate is None else certificate
             if certificate not in CERTIFICATE_METHODS:
                 raise ValueError(f"Unknown certificate {certificate!r}; choose one of {CERTIFICATE_METHODS}.")
@@ -695,8 +581,8 @@ class CascadeSimulation:
         tests = 2 * len(GUARANTEE_CREDITS) - 1
         level = 1.0 - (1.0 - confidence_level) / tests
         credits = np.asarray(GUARANTEE_CREDITS)
-        max_harms = _largest_count_with_upper_at_most(allowed_drop + credits, self.n, level)
-        min_gains = _smallest_count_with_lower_at_least(credits, self.n, level)
+        max_harms = largest_count_with_upper_at_most(allowed_drop + credits, self.n, level)
+        min_gains = smallest_count_with_lower_at_least(credits, self.n, level)
         admissible = np.zeros(len(curve), dtype=bool)
         harm_upper = clopper_pearson_upper(curve.harms, self.n, level)
         bounds = np.full(len(curve), np.inf)
@@ -737,8 +623,8 @@ class CascadeSimulation:
         if confidence_level is None:
             admissible = curve.disagreements <= math.floor(round(max_disagreement * self.n, 9))
         else:
-            _check_confidence_level(confidence_level)
-            max_count = _largest_count_with_upper_at_most(max_disagreement, self.n, confidence_level)[0]
+            check_confidence_level(confidence_level)
+            max_count = largest_count_with_upper_at_most(max_disagreement, self.n, confidence_level)[0]
             admissible = curve.disagreements <= max_count
             admissible[0] = True  # nothing exits: the cascade is the base, disagreement 0 for certain
         return self._pick_largest(admissible, "agreement", "the agreement target", 0, "", **params)
@@ -781,10 +667,6 @@ class CascadeSimulation:
         Negative values mean a saving; the paper ranks candidate savers by it (lowest first).
         """
         return self._paper_no_loss(grid_size=grid_size).delta_c
-
-
-def _check_confidence_level(confidence_level: float) -> None:
-    check_number("confidence_level", confidence_level, 0.0, 1.0, low_open=True, high_open=True, meaning="e.g. 0.95")
 
 
 def calibrate(simulation: CascadeSimulation, objective: str, **parameters) -> CalibrationResult:
@@ -873,8 +755,6 @@ def fit_temperature(
 
 
 __all__ = [
-    "CERTIFICATE_METHODS",
-    "DEFAULT_CERTIFICATE",
     "GUARANTEE_CREDITS",
     "OBJECTIVES",
     "CalibrationResult",
@@ -883,11 +763,7 @@ __all__ = [
     "TradeoffCurve",
     "calibrate",
     "check_finite_logits",
-    "check_number",
-    "clopper_pearson_lower",
-    "clopper_pearson_upper",
     "delta_c",
     "fit_temperature",
     "oracle_relative_macs",
-    "plan_calibration_size",
 ]
