@@ -21,6 +21,9 @@ from hf_tinysaver.calibration.simulation import CascadeSimulation
 from hf_tinysaver.commands import main as tinysaver
 from hf_tinysaver.hub.model_card import generate_model_card
 
+# The design notes' reference pair, calibrated on the first half of the CIFAR-10 test set.
+CIFAR_PAIR_ON_HALF_TEST = ["--saver", "cifar10-resnet20", "--base", "cifar10-resnet56", "--dataset", "cifar10"]
+CIFAR_PAIR_ON_HALF_TEST += ["--split", "test[:50%]"]
 FIXED_SEQUENCE_METHODS = [method for method in CERTIFICATE_METHODS if method != "clopper-pearson"]
 
 
@@ -188,14 +191,7 @@ def certified_cascade_dir(tmp_path_factory):
     code = tinysaver(
         [
             "calibrate",
-            "--saver",
-            "cifar10-resnet20",
-            "--base",
-            "cifar10-resnet56",
-            "--dataset",
-            "cifar10",
-            "--split",
-            "test[:50%]",
+            *CIFAR_PAIR_ON_HALF_TEST,
             "--max-drop",
             "1.0",
             "--confidence-level",
@@ -292,14 +288,7 @@ def test_plan_cli(capsys, tmp_path):
     code = tinysaver(
         [
             "plan",
-            "--saver",
-            "cifar10-resnet20",
-            "--base",
-            "cifar10-resnet56",
-            "--dataset",
-            "cifar10",
-            "--split",
-            "test[:50%]",
+            *CIFAR_PAIR_ON_HALF_TEST,
             "--no-progress",
             "--results-file",
             str(results),
@@ -313,8 +302,14 @@ def test_plan_cli(capsys, tmp_path):
 
 
 def test_calibrate_cli_refuses_a_certificate_without_a_confidence_level(tmp_path, capsys):
-    arguments = ["calibrate", "--saver", "cifar10-resnet20", "--base", "cifar10-resnet56", "--dataset", "cifar10"]
-    arguments += ["--split", "test[:50%]", "--certificate", "cp-difference", "--out", str(tmp_path / "out")]
+    arguments = [
+        "calibrate",
+        *CIFAR_PAIR_ON_HALF_TEST,
+        "--certificate",
+        "cp-difference",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert tinysaver(arguments) == 2
     assert "--certificate applies to --objective max-drop with --confidence-level" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

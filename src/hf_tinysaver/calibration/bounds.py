@@ -7,6 +7,7 @@ The calibration guarantees (`CascadeSimulation.calibrate(..., confidence_level=.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,9 +82,6 @@ def clopper_pearson_lower(successes: Any, trials: int, confidence_level: float) 
 def largest_count_with_upper_at_most(bounds: Any, trials: int, confidence_level: float) -> np.ndarray:
     """For each bound `q`, the largest count `k` with `clopper_pearson_upper(k) <= q` (-1 if none).
 
-    The upper bound grows with `k`, so an integer bisection needs ~log2(trials) evaluations instead of one per point
-    of the curve.
-
     Args:
         bounds: The bound(s) `q` on the rate.
         trials: Number of trials.
@@ -93,13 +91,8 @@ def largest_count_with_upper_at_most(bounds: Any, trials: int, confidence_level:
         int64 counts, one per bound.
     """
     bounds = np.atleast_1d(np.asarray(bounds, dtype=np.float64))
-    low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
-    while np.any(high - low > 1):
-        middle = (low + high) // 2
-        active = high - low > 1
-        admitted = clopper_pearson_upper(np.clip(middle, 0, trials), trials, confidence_level) <= bounds
-        low, high = np.where(active & admitted, middle, low), np.where(active & ~admitted, middle, high)
-    return low
+    above = _first_count_where(lambda k: clopper_pearson_upper(k, trials, confidence_level) > bounds, bounds, trials)
+    return above - 1
 
 
 def smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_level: float) -> np.ndarray:
@@ -114,12 +107,21 @@ def smallest_count_with_lower_at_least(bounds: Any, trials: int, confidence_leve
         int64 counts, one per bound.
     """
     bounds = np.atleast_1d(np.asarray(bounds, dtype=np.float64))
+    return _first_count_where(lambda k: clopper_pearson_lower(k, trials, confidence_level) >= bounds, bounds, trials)
+
+
+def _first_count_where(condition: Callable[[np.ndarray], np.ndarray], bounds: np.ndarray, trials: int) -> np.ndarray:
+    """Per bound, the smallest count in `[0, trials]` where `condition` holds (`trials + 1` if none).
+
+    `condition` maps counts (one per bound) to booleans and must be monotone in the count (false, then true), as the
+    Clopper-Pearson bounds are: an integer bisection then needs ~log2(trials) evaluations instead of one per count.
+    """
     low, high = np.full(bounds.shape, -1, dtype=np.int64), np.full(bounds.shape, trials + 1, dtype=np.int64)
     while np.any(high - low > 1):
         middle = (low + high) // 2
         active = high - low > 1
-        admitted = clopper_pearson_lower(np.clip(middle, 0, trials), trials, confidence_level) >= bounds
-        low, high = np.where(active & ~admitted, middle, low), np.where(active & admitted, middle, high)
+        holds = condition(np.clip(middle, 0, trials))
+        low, high = np.where(active & ~holds, middle, low), np.where(active & holds, middle, high)
     return high
 
 
