@@ -137,6 +137,20 @@ def tiny_dataset(tmp_path_factory):
     return folder
 
 
+def tiny_vit_cascade(threshold: float = 0.6, **config_kwargs):
+    """A random cascade of a tiny timm EfficientNet saver and a tiny ViT base (32 px), ready in well under a second."""
+    from hf_tinysaver import TinySaverForImageClassification
+    from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing
+
+    return TinySaverForImageClassification.from_saver_and_base(
+        timm_classifier("test_efficientnet"),
+        tiny_vit(32),
+        threshold=threshold,
+        base_preprocessing=tiny_vit_preprocessing(32),
+        **config_kwargs,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_cascade_dir(tmp_path_factory, tiny_dataset):
     from hf_tinysaver import TinySaverForImageClassification

@@ -20,10 +20,11 @@ from huggingface_hub import HfApi, hf_hub_download
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
+from conftest import tiny_vit_cascade
 from hf_tinysaver import TinySaverForImageClassification
 from hf_tinysaver.hub.push import HubPushError, push_cascade
 from hub_server import DEFAULT_TOKEN
-from tiny_models import timm_classifier, tiny_vit, tiny_vit_preprocessing, tiny_vit_processor
+from tiny_models import timm_classifier, tiny_vit, tiny_vit_processor
 
 REPO_ID = "tester/tiny-cascade"
 CALIBRATION = {
@@ -43,14 +44,7 @@ CALIBRATION = {
 
 
 def make_cascade(threshold: float = 0.6, **config_kwargs) -> TinySaverForImageClassification:
-    return TinySaverForImageClassification.from_saver_and_base(
-        timm_classifier("test_efficientnet"),
-        tiny_vit(32),
-        threshold=threshold,
-        base_preprocessing=tiny_vit_preprocessing(32),
-        calibration=dict(CALIBRATION, threshold=threshold),
-        **config_kwargs,
-    )
+    return tiny_vit_cascade(threshold, calibration=dict(CALIBRATION, threshold=threshold), **config_kwargs)
 
 
 def write_plot(path: Path) -> Path:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from huggingface_hub import ModelCard
 from transformers import ViTConfig
@@ -258,5 +260,11 @@ def test_save_model_card_writes_the_card(tmp_path):
 
 
 def test_template_ships_inside_the_package():
-    assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.parent.name == "templates"
-    assert TEMPLATE_PATH.parent.parent.name == "hf_tinysaver"
+    import hf_tinysaver
+
+    package_root = Path(hf_tinysaver.__file__).parent
+    assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.is_relative_to(package_root)
+    # The wheel carries it only when a package-data pattern of pyproject.toml matches its path in the package.
+    patterns = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    relative = TEMPLATE_PATH.relative_to(package_root).as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns["hf_tinysaver"]), (relative, patterns)
