@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 from huggingface_hub import ModelCard
 from transformers import ViTConfig
@@ -262,6 +261,7 @@ def test_save_model_card_writes_the_card(tmp_path):
 def test_template_ships_inside_the_package():
     import hf_tinysaver
 
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     package_root = Path(hf_tinysaver.__file__).parent
     assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.is_relative_to(package_root)
     # The wheel carries it only when a package-data pattern of pyproject.toml matches its path in the package.
