@@ -690,7 +690,8 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
 def test_docstring_examples_run():
     import doctest
 
-    from hf_tinysaver import esn, modeling_tinysaver_esn
+    from hf_tinysaver.models import modeling_tinysaver_esn
+    from hf_tinysaver.workflows import esn
 
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     for name, obj in (

@@ -426,7 +426,7 @@ def test_an_esn_cascade_with_parts_in_different_dtypes_is_refused_before_any_ima
 def test_docstring_examples_run():
     import doctest
 
-    from hf_tinysaver import configuration_tinysaver, image_processing_tinysaver
+    from hf_tinysaver.models import configuration_tinysaver, image_processing_tinysaver
 
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
