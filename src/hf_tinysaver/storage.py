@@ -54,12 +54,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# The remote-code files `save_pretrained` copies into a cascade folder (flat modules of this package).
+# The remote-code files `save_pretrained` may copy into a cascade folder: the shipped flat modules of models/.
 _REMOTE_CODE_NAMES = sorted(
-    path.name
-    for pattern in ("configuration_*.py", "modeling_*.py", "image_processing_*.py", "confidence.py")
-    for path in _PACKAGE_DIR.glob(pattern)
+    path.name for path in (Path(__file__).resolve().parent / "models").glob("*.py") if path.name != "__init__.py"
 )
 _MODEL_FILE_PATTERNS = (
     "config.json",
