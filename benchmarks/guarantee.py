@@ -25,9 +25,11 @@ import time
 import numpy as np
 from calibrate_evaluate import SAVERS
 
+from hf_tinysaver.calibration.bounds import clopper_pearson_lower, clopper_pearson_upper
 from hf_tinysaver.calibration.certification import CERTIFICATE_METHODS, DEFAULT_CERTIFICATE, plan_calibration_size
-from hf_tinysaver.calibration.simulation import CascadeSimulation, clopper_pearson_lower, clopper_pearson_upper
-from hf_tinysaver.workflows.cascade import build_cascade, record_sub_models, simulation_for, write_json_atomic
+from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.storage import write_json_atomic
+from hf_tinysaver.workflows.cascade import build_cascade, record_sub_models, simulation_for
 from hf_tinysaver.workflows.demo import DEMO_TASKS
 
 # Default calibration sizes: half of each pool, as the demo and calibrate_evaluate.py calibrate.
