@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import random_images
+from conftest import SHARED, random_images, requires_shared
 from hf_tinysaver import (
     CIFAR10_LABELS,
     CifarResNetConfig,
@@ -256,6 +256,45 @@ def test_records_simulation_matches_the_real_forward(cifar_model, pixels):
     exit_index = assign_exits(records.confidences, thresholds)
     assert exit_index.tolist() == outputs.exit_index.tolist()
     assert records.predictions[np.arange(len(exit_index)), exit_index].tolist() == outputs.logits.argmax(-1).tolist()
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_forward_stream_answers_like_forward_on_real_cifar():
+    from hf_tinysaver.zoo import load_zoo_dataset, load_zoo_model
+
+    model = TinySaverESNForImageClassification.from_saver_and_base(
+        load_zoo_model("cifar10-resnet20", assets=str(SHARED)), load_zoo_model("cifar10-resnet56", assets=str(SHARED))
+    ).eval()
+    randomize_esn(model.esn, seed=5)
+    images = load_zoo_dataset("cifar10", "test[5000:5192]", assets=str(SHARED))["image"]
+    pixel_values = model.get_image_processor()(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        everything = model(pixel_values=pixel_values, output_all_exits=True)
+    confidences = torch.stack(
+        [everything.saver_confidence]
+        + [torch.softmax(everything.exit_logits[:, p].double(), -1).amax(-1) for p in range(model.esn.num_exits)],
+        dim=1,
+    )
+    thresholds = gap_thresholds(confidences)
+    model.config.threshold, model.config.exit_thresholds = thresholds[0], thresholds[1:]
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values)
+    assert sorted(set(expected.exit_index.tolist())) == list(range(model.esn.num_exits + 2)), "images at every exit"
+
+    streamed = list(model.forward_stream(pixel_values.split([64, 1, 63, 64])))
+    assert [len(output.logits) for output in streamed] == [64, 1, 63, 64]
+    assert torch.equal(torch.cat([output.exit_index for output in streamed]), expected.exit_index)
+    assert torch.equal(torch.cat([output.exited for output in streamed]), expected.exited)
+    torch.testing.assert_close(torch.cat([output.logits for output in streamed]), expected.logits, atol=1e-5, rtol=0)
+    assert torch.is_grad_enabled(), "the stream must not leave gradients switched off for its caller"
+
+    overridden = list(
+        model.forward_stream([pixel_values], threshold=1.0, exit_thresholds=[1.0] * model.esn.num_exits)
+    )[0]
+    assert bool((overridden.exit_index == model.esn.num_exits + 1).all()), "closed exits send every image to the base"
+    with pytest.raises(ValueError, match="cannot pool images across batches"):
+        next(model.forward_stream([pixel_values], base_batch_size=32))
 
 
 def _features_of(model, pixels):

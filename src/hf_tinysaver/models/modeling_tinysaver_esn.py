@@ -13,7 +13,7 @@ Copied next to saved models as remote code: imports only torch, transformers, ti
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,13 @@ from transformers.utils import ModelOutput
 from .confidence import compute_confidence
 from .configuration_tinysaver import validate_threshold
 from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
-from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models, placement
+from .modeling_tinysaver import (
+    TinySaverForImageClassification,
+    find_macs,
+    load_sub_models,
+    placement,
+    stream_batch_inputs,
+)
 
 SUPPORTED_BASES = (
     "hf_tinysaver's CIFAR ResNets (any model exposing `forward_stem`, `stages` and `forward_head`)",
@@ -763,6 +769,58 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             if labels is not None:
                 output.loss = nn.functional.cross_entropy(output.logits.float(), labels.to(output.logits.device))
         return output if return_dict else output.to_tuple()
+
+    def forward_stream(
+        self,
+        batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+        base_batch_size: int | None = None,
+        threshold: float | None = None,
+        max_waiting_batches: int | None = None,
+        exit_thresholds: list[float] | None = None,
+    ) -> Iterator[TinySaverESNImageClassifierOutput]:
+        r"""
+        Classifies a stream of batches with the ESN's exits, answering each batch before reading the next.
+
+        The plain cascade's `forward_stream` pools the images that miss the saver across batches so that its base
+        runs on full batches. The ESN cannot: its base runs stage by stage with an exit after each, and which images
+        go on depends on the exits before. So every batch is answered exactly as `forward` answers it (the same
+        decisions, `exit_index` and logits), and the stream is a convenience for iterating over a dataset.
+
+        Args:
+            batches (`Iterable[torch.Tensor | Mapping[str, torch.Tensor]]`):
+                `pixel_values` tensors, or mappings with `pixel_values` (and `base_pixel_values` when the
+                preprocessings differ), e.g. [`TinySaverImageProcessor`] outputs. Other keys are ignored.
+            base_batch_size (`int`, *optional*):
+                Not supported (the base cannot pool images across batches here); passing it is an error.
+            threshold (`float`, *optional*):
+                Overrides the saver's threshold, as in `forward`.
+            max_waiting_batches (`int`, *optional*):
+                Accepted for compatibility with the cascade's signature: no batch ever waits, so any bound holds.
+            exit_thresholds (`list[float]`, *optional*):
+                Overrides `config.exit_thresholds`, as in `forward`.
+
+        Returns:
+            An iterator of [`TinySaverESNImageClassifierOutput`], one per input batch, in input order.
+        """
+        if base_batch_size is not None:
+            raise ValueError(
+                "An Exit Sequence Network cannot pool images across batches for its base: the base runs stage by "
+                "stage with exits in between. Omit base_batch_size (each batch is answered as `forward` answers "
+                "it), or use larger input batches."
+            )
+        if max_waiting_batches is not None and (isinstance(max_waiting_batches, bool) or int(max_waiting_batches) < 0):
+            raise ValueError(f"max_waiting_batches must be 0 or more batches, got {max_waiting_batches!r}.")
+        for batch in batches:
+            pixel_values, base_pixel_values = stream_batch_inputs(batch)
+            with torch.no_grad():  # not around the yield: the caller's code between items keeps its grad mode
+                output = self(
+                    pixel_values=pixel_values,
+                    base_pixel_values=base_pixel_values,
+                    threshold=threshold,
+                    exit_thresholds=exit_thresholds,
+                    return_dict=True,
+                )
+            yield output
 
     def _saver_confidence(self, saver_logits: torch.Tensor) -> torch.Tensor:
         # ESN label mappings are permutations, under which every confidence metric is invariant.
