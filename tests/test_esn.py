@@ -297,6 +297,20 @@ def test_forward_stream_answers_like_forward_on_real_cifar():
         next(model.forward_stream([pixel_values], base_batch_size=32))
 
 
+def test_decision_hooks_see_every_batch_of_forward_and_forward_stream(cifar_model, pixels):
+    seen = []
+    handle = cifar_model.register_decision_hook(lambda model, inputs, base_inputs, output: seen.append(output))
+    try:
+        with torch.no_grad():
+            direct = cifar_model(pixel_values=pixels)
+        streamed = list(cifar_model.forward_stream(pixels.split(10)))
+    finally:
+        handle.remove()
+    assert [len(output.exited) for output in seen] == [24, 10, 10, 4]
+    assert torch.equal(seen[0].exit_index, direct.exit_index)
+    assert all(hooked is output for hooked, output in zip(seen[1:], streamed, strict=True))
+
+
 def _features_of(model, pixels):
     with torch.no_grad():
         return model.compute_exit_features(pixels)

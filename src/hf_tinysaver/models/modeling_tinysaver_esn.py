@@ -768,6 +768,8 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             output = self._forward_early_exit(pixel_values, base_inputs, threshold, exit_thresholds)
             if labels is not None:
                 output.loss = nn.functional.cross_entropy(output.logits.float(), labels.to(output.logits.device))
+        if self.__dict__.get("_decision_hooks"):
+            self._call_decision_hooks(pixel_values, base_pixel_values, output)
         return output if return_dict else output.to_tuple()
 
     def forward_stream(
