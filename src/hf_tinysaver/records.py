@@ -42,10 +42,14 @@ LABEL_COLUMNS = ("label", "labels")
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
 
 
-def default_cache_dir() -> Path:
-    """`$TINYSAVER_CACHE/records` when that variable is set, else `~/.cache/hf_tinysaver/records`."""
+def default_cache_dir(kind: str = "records") -> Path:
+    """The library's cache folder for `kind`: `$TINYSAVER_CACHE/<kind>` when that variable is set, else
+    `~/.cache/hf_tinysaver/<kind>`.
+
+    The one cache root of the library: records use `"records"`, the ESN's cached features `"esn"`.
+    """
     root = os.environ.get("TINYSAVER_CACHE")
-    return Path(root) / "records" if root else Path.home() / ".cache" / "hf_tinysaver" / "records"
+    return Path(root) / kind if root else Path.home() / ".cache" / "hf_tinysaver" / kind
 
 
 def _sha256_of_array(array: np.ndarray) -> str:
@@ -254,6 +258,23 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
                 for block in iter(lambda: file.read(1 << 20), b""):
                     file_digest.update(block)
             digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any, image_column: str = "image", label_column: str = "label") -> str:
+    """SHA-256 of a loaded split's content (encoded image bytes and labels), not of its path: a rebuilt dataset
+    changes it, a moved one does not."""
+    digest = hashlib.sha256()
+    arrow = dataset.with_format("arrow")
+    for batch in arrow.iter(batch_size=10_000):
+        images = batch.column(image_column).combine_chunks()
+        if hasattr(images, "field") and images.type.num_fields:
+            for value in images.field("bytes"):
+                digest.update(value.as_buffer() if value.is_valid else b"\0")
+        else:
+            digest.update(repr(images.to_pylist()).encode())
+        digest.update(np.asarray(batch.column(label_column).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+    digest.update(str(len(dataset)).encode())
     return digest.hexdigest()
 
 
@@ -844,6 +865,7 @@ __all__ = [
     "RECORDS_FORMAT_VERSION",
     "Records",
     "UnreadableImageError",
+    "dataset_fingerprint",
     "default_cache_dir",
     "distributed_state",
     "folder_fingerprint",

@@ -46,8 +46,8 @@ from ..calibration.simulation import CascadeSimulation
 from ..models.confidence import compute_confidence
 from ..models.image_processing_tinysaver import normalize_preprocessing
 from ..models.modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
-from ..records import prepare_images
-from ..storage import write_file_atomic, write_json_atomic
+from ..records import dataset_fingerprint, default_cache_dir, model_fingerprint, prepare_images
+from ..storage import write_file_atomic
 
 FEATURES_FORMAT_VERSION = 1
 
@@ -109,37 +109,6 @@ class ExitFeatures:
         )
 
 
-def default_cache_dir() -> Path:
-    """`$TINYSAVER_CACHE/esn` when set, else `~/.cache/hf_tinysaver/esn`."""
-    root = os.environ.get("TINYSAVER_CACHE")
-    return Path(root) / "esn" if root else Path.home() / ".cache" / "hf_tinysaver" / "esn"
-
-
-def dataset_fingerprint(dataset: Any, image_column: str = "image", label_column: str = "label") -> str:
-    """A hash of the split's content (encoded image bytes and labels), not of its path: a rebuilt dataset changes it."""
-    digest = hashlib.sha256()
-    arrow = dataset.with_format("arrow")
-    for batch in arrow.iter(batch_size=10_000):
-        images = batch.column(image_column).combine_chunks()
-        if hasattr(images, "field") and images.type.num_fields:
-            for value in images.field("bytes"):
-                digest.update(value.as_buffer() if value.is_valid else b"\0")
-        else:
-            digest.update(repr(images.to_pylist()).encode())
-        digest.update(np.asarray(batch.column(label_column).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
-    digest.update(str(len(dataset)).encode())
-    return digest.hexdigest()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's parameters and buffers only: features do not depend on its config's bookkeeping keys."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _normalized(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     return normalize_preprocessing(spec) if spec is not None else None
 
@@ -148,8 +117,8 @@ def _features_key(model: TinySaverESNForImageClassification, data_fingerprint: s
     description = {
         "format": FEATURES_FORMAT_VERSION,
         "data": data_fingerprint,
-        "saver": weights_fingerprint(model.saver),
-        "base": weights_fingerprint(model.base),
+        "saver": model_fingerprint(model.saver),
+        "base": model_fingerprint(model.base),
         "exit_stages": model.config.exit_stages,
         "label_mapping": model.config.label_mapping,
         # Normalised: the same preprocessing spelt with or without its defaults shares the cache.
@@ -228,7 +197,7 @@ def cached_exit_features(
     Args:
         model: The ESN cascade.
         dataset: A `datasets.Dataset` split.
-        cache_dir: Where to keep the features; defaults to [`default_cache_dir`].
+        cache_dir: Where to keep the features; defaults to `default_cache_dir("esn")` (`$TINYSAVER_CACHE/esn`).
         batch_size: Images per forward pass when computing.
         image_column: Name of the image column.
         label_column: Name of the label column.
@@ -237,7 +206,7 @@ def cached_exit_features(
     Returns:
         The split's [`ExitFeatures`], loaded or computed and stored.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir("esn")
     path = cache_dir / f"features-{_features_key(model, dataset_fingerprint(dataset, image_column, label_column))}.pt"
     if path.exists():
         return ExitFeatures.load(path)
@@ -567,14 +536,10 @@ __all__ = [
     "ThresholdSearchResult",
     "assign_exits",
     "cached_exit_features",
-    "dataset_fingerprint",
-    "default_cache_dir",
     "evaluate_exits",
     "exit_records",
     "extract_exit_features",
     "search_exit_thresholds",
     "sequential_thresholds",
     "train_exit_sequence",
-    "weights_fingerprint",
-    "write_json_atomic",
 ]
