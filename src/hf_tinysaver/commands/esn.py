@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from ..labels import dataset_labels, warn_label_order
 from ..models.modeling_tinysaver_esn import TinySaverESNForImageClassification
+from ..sources import load_dataset_split
 from ..storage import atomic_folder, check_output_folder, write_json_atomic
 from ..workflows.esn import (
     cached_exit_features,
@@ -123,28 +123,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_split(dataset: str, split: str, shuffle_seed: int | None = None):
-    """A dataset split from a local folder, a zoo name or the Hub (offline: the local cache).
-
-    With `shuffle_seed`, the whole named split is permuted with that seed before the slice is taken.
-    """
-    import datasets
-
-    if shuffle_seed is not None:
-        from ..workflows.cascade import load_dataset_split
-
-        return load_dataset_split(dataset, split, shuffle_seed=shuffle_seed)
-    if os.path.isdir(dataset):
-        return datasets.load_dataset(dataset, split=split)
-    try:
-        from hf_tinysaver.zoo import ZOO_DATASETS, load_zoo_dataset
-    except ImportError:
-        ZOO_DATASETS = {}
-    if dataset in ZOO_DATASETS:
-        return load_zoo_dataset(dataset, split)
-    return datasets.load_dataset(dataset, split=split)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_folder(args.out, overwrite=args.overwrite, kind="esn", option="--out")
@@ -171,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"exit stages {model.config.exit_stages}; relative MACs per answer point {model.config.relative_exit_macs}")
 
     def features_of(split: str):
-        dataset = load_split(args.dataset, split, args.shuffle_seed)
+        dataset = load_dataset_split(args.dataset, split, shuffle_seed=args.shuffle_seed)
         say(f"features of {args.dataset} {split} ({len(dataset)} images)")
         labels, _ = dataset_labels(
             dataset, args.label_column, model.config.id2label, args.label_map, where=f"the split {split!r}"
@@ -332,4 +310,4 @@ def calibrate_and_evaluate(
     return results
 
 
-__all__ = ["add_parser", "calibrate_and_evaluate", "load_split", "run"]
+__all__ = ["add_parser", "calibrate_and_evaluate", "run"]

@@ -30,8 +30,8 @@ from ..records import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
     Records,
-    _find_column,
     distributed_state,
+    find_column,
     pair_from_records,
     prepare_images,
     record,
@@ -435,8 +435,8 @@ def evaluate_cascade(
     source = resolve_dataset_source(dataset, assets)
     data = load_dataset_split(source, split, shuffle_seed=shuffle_seed)
     split = split_name(data, split)
-    image_column = _find_column(data, None, IMAGE_COLUMNS, "image", required=True)
-    label_column = _find_column(data, None, LABEL_COLUMNS, "label", required=True)
+    image_column = find_column(data, None, IMAGE_COLUMNS, "image", required=True)
+    label_column = find_column(data, None, LABEL_COLUMNS, "label", required=True)
     labels, _ = dataset_labels(
         data, label_column, config.id2label, label_map, where=f"the split {split!r}", model_description="the cascade"
     )
