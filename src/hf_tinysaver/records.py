@@ -31,7 +31,7 @@ import torch
 
 from .calibration.simulation import CascadeSimulation, check_finite_logits
 from .labels import check_label_range, dataset_labels
-from .storage import write_file_atomic as _atomic_write
+from .storage import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         checksum.update(name.encode())
         checksum.update(_sha256_of_array(arrays[name]).encode())
     payload = {**arrays, "checksum": np.array(checksum.hexdigest())}
-    _atomic_write(path, lambda file: np.savez(file, **payload))
+    write_file_atomic(path, lambda file: np.savez(file, **payload))
 
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -54,12 +54,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# The remote-code files `save_pretrained` copies into a cascade folder (flat modules of this package).
+_MODELS_DIR = Path(__file__).resolve().parent / "models"
+# The remote-code files `save_pretrained` copies into a cascade folder (the flat modules of the shipped `models/`).
 _REMOTE_CODE_NAMES = sorted(
     path.name
     for pattern in ("configuration_*.py", "modeling_*.py", "image_processing_*.py", "confidence.py")
-    for path in _PACKAGE_DIR.glob(pattern)
+    for path in _MODELS_DIR.glob(pattern)
 )
 _MODEL_FILE_PATTERNS = (
     "config.json",
