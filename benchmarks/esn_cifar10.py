@@ -25,9 +25,8 @@ import torch
 
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverESNForImageClassification
 from hf_tinysaver.calibration.simulation import CascadeSimulation
-from hf_tinysaver.commands.esn import calibrate_and_evaluate
 from hf_tinysaver.storage import write_json_atomic
-from hf_tinysaver.workflows.esn import cached_exit_features, train_exit_sequence
+from hf_tinysaver.workflows.esn import cached_exit_features, calibrate_and_evaluate, train_exit_sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYSAVER_ASSETS", REPO_ROOT.parent / "shared"))

@@ -18,6 +18,13 @@ from hf_tinysaver import (
     TinySaverESNConfig,
     TinySaverESNForImageClassification,
 )
+from hf_tinysaver.calibration.multi_exit import (
+    ExitRecords,
+    evaluate_exits,
+    search_exit_thresholds,
+    sequential_thresholds,
+)
+from hf_tinysaver.models.confidence import first_exit
 from hf_tinysaver.models.modeling_tinysaver_esn import (
     ExitSequenceNetwork,
     count_macs_of,
@@ -26,14 +33,9 @@ from hf_tinysaver.models.modeling_tinysaver_esn import (
 )
 from hf_tinysaver.workflows.esn import (
     ExitFeatures,
-    ExitRecords,
-    assign_exits,
     cached_exit_features,
-    evaluate_exits,
     exit_records,
     extract_exit_features,
-    search_exit_thresholds,
-    sequential_thresholds,
     train_exit_sequence,
 )
 from tiny_models import randomize, timm_classifier, tiny_resnet, tiny_vit, tiny_vit_preprocessing
@@ -253,7 +255,7 @@ def test_records_simulation_matches_the_real_forward(cifar_model, pixels):
     thresholds = gap_thresholds(torch.from_numpy(records.confidences))
     with torch.no_grad():
         outputs = cifar_model(pixel_values=pixels, threshold=thresholds[0], exit_thresholds=thresholds[1:])
-    exit_index = assign_exits(records.confidences, thresholds)
+    exit_index = first_exit(torch.from_numpy(records.confidences), thresholds).numpy()
     assert exit_index.tolist() == outputs.exit_index.tolist()
     assert records.predictions[np.arange(len(exit_index)), exit_index].tolist() == outputs.logits.argmax(-1).tolist()
 
@@ -396,9 +398,9 @@ def test_first_exit_is_searched_first_and_later_exits_only_take_the_rest():
     assert thresholds[0] == saver_alone[0]
 
 
-def test_assign_exits_takes_the_first_passing_exit():
-    confidences = np.array([[0.9, 0.9], [0.1, 0.9], [0.1, 0.1], [0.5, 0.2]])
-    assert assign_exits(confidences, [0.5, 0.5]).tolist() == [0, 1, 2, 2]
+def test_first_exit_takes_the_first_passing_exit():
+    confidences = torch.tensor([[0.9, 0.9], [0.1, 0.9], [0.1, 0.1], [0.5, 0.2]], dtype=torch.float64)
+    assert first_exit(confidences, [0.5, 0.5]).tolist() == [0, 1, 2, 2]
 
 
 # --- MACs -------------------------------------------------------------------------------------------------------
@@ -690,6 +692,7 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
 def test_docstring_examples_run():
     import doctest
 
+    from hf_tinysaver.calibration import multi_exit
     from hf_tinysaver.models import modeling_tinysaver_esn
     from hf_tinysaver.workflows import esn
 
@@ -697,7 +700,7 @@ def test_docstring_examples_run():
     for name, obj in (
         ("TinySaverESNConfig", TinySaverESNConfig),
         ("TinySaverESNForImageClassification", modeling_tinysaver_esn.TinySaverESNForImageClassification),
-        ("search_exit_thresholds", esn.search_exit_thresholds),
+        ("search_exit_thresholds", multi_exit.search_exit_thresholds),
         ("esn", esn),
     ):
         text = obj.__doc__.replace("```python", "").replace("```", "")
