@@ -382,10 +382,10 @@ def test_sequential_search_meets_the_drop_and_beats_greedy_or_ties(max_drop):
     records = synthetic_records()
     exit_macs, base_macs = [30, 60, 90, 130], 100
     result = search_exit_thresholds(records, exit_macs, base_macs, max_drop)
-    assert result.calibration["drop"] <= max_drop + 1e-9
+    assert result.calibration["accuracy_drop"] <= max_drop + 1e-9
     assert result.calibration == evaluate_exits(records, result.thresholds, exit_macs, base_macs)
     greedy = evaluate_exits(records, sequential_thresholds(records, [max_drop] * 3), exit_macs, base_macs)
-    assert greedy["drop"] <= max_drop + 1e-9
+    assert greedy["accuracy_drop"] <= max_drop + 1e-9
     assert result.calibration["relative_macs"] <= greedy["relative_macs"]
     assert result.candidates == 66 and result.allowed_drops[-1] == max_drop
     assert sum(result.calibration["exit_rates"]) == pytest.approx(1.0)
@@ -669,13 +669,27 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
     results = json.loads(results_file.read_text())
     assert results["splits"] == {"train": "train", "calib": "test[:50%]", "eval": "test[50%:]"}
     for cascade in ("esn", "tinysaver"):
-        assert results[cascade]["calibration"]["drop"] <= 10 + 1e-9
-        assert results[cascade]["eval"]["num_images"] == 16
+        assert results[cascade]["calibration"]["accuracy_drop"] <= 10 + 1e-9
+        assert results[cascade]["eval"]["n"] == 16
 
     reloaded = AutoModelForImageClassification.from_pretrained(out_dir)
     thresholds = results["esn"]["thresholds"]
     assert [reloaded.config.threshold, *reloaded.config.exit_thresholds] == thresholds
     assert reloaded.config.calibration["max_drop"] == 10
+    # The ESN stores the record the plain cascade stores: one schema, dated and versioned.
+    from hf_tinysaver import __version__
+    from hf_tinysaver.calibration.record import CalibrationRecord
+
+    record = CalibrationRecord.from_dict(reloaded.config.calibration)
+    assert record.thresholds == thresholds and record.is_multi_exit
+    assert record.n == results["esn"]["calibration"]["n"] == 16
+    assert record.accuracy_drop == pytest.approx(results["esn"]["calibration"]["accuracy_drop"])
+    assert (
+        record.exit_rates == results["esn"]["calibration"]["exit_rates"] and record.exit_rate == record.exit_rates[0]
+    )
+    assert (record.dataset, record.split, record.saver) == (str(tiny_dataset_dir), "test[:50%]", str(saver_dir))
+    assert record.hf_tinysaver_version == __version__ and record.date is not None
+    assert record.to_dict() == reloaded.config.calibration
     # The deployed model's real early-exit forward reproduces the held-out numbers computed from records.
     eval_split = datasets.load_dataset(str(tiny_dataset_dir), split="test[50%:]")
     inputs = reloaded.get_image_processor()(images=list(eval_split["image"]), return_tensors="pt")

@@ -58,8 +58,9 @@ def evaluate_exits(
         base_macs: MACs of the base alone, the unit of `relative_macs`.
 
     Returns:
-        A dict with `accuracy`, `base_accuracy`, `drop` (percentage points), `exit_rates` (one per answer point),
-        `relative_macs` (mean MACs per image / base MACs) and `num_images`.
+        A dict with `accuracy`, `base_accuracy`, `accuracy_drop` (percentage points), `exit_rates` (one per answer
+        point), `relative_macs` (mean MACs per image / base MACs) and `n` (images), the names of
+        [`~hf_tinysaver.calibration.record.CalibrationRecord`].
     """
     num_points = records.predictions.shape[1]
     if len(thresholds) != num_points - 1 or len(exit_macs) != num_points:
@@ -74,10 +75,12 @@ def evaluate_exits(
     return {
         "accuracy": right / count,
         "base_accuracy": base_right / count,
-        "drop": 100.0 * (base_right - right) / count,  # from counts: no float residue on a drop exactly at target
+        "accuracy_drop": 100.0
+        * (base_right - right)
+        / count,  # from counts: no float residue on a drop exactly at target
         "exit_rates": (np.bincount(exit_index, minlength=num_points) / len(exit_index)).tolist(),
         "relative_macs": float(np.asarray(exit_macs, dtype=np.float64)[exit_index].mean() / base_macs),
-        "num_images": int(len(exit_index)),
+        "n": int(len(exit_index)),
     }
 
 
@@ -177,7 +180,7 @@ def search_exit_thresholds(
     >>> right = rng.random((1000, 3)) < [[0.7, 0.75, 0.8]]  # saver, ESN exit, base
     >>> records = ExitRecords(confidences, np.where(right, labels[:, None], (labels[:, None] + 1) % 10), labels)
     >>> result = search_exit_thresholds(records, exit_macs=[30, 70, 130], base_macs=100, max_drop=1.0)
-    >>> len(result.thresholds), result.calibration["drop"] <= 1.0
+    >>> len(result.thresholds), result.calibration["accuracy_drop"] <= 1.0
     (2, True)
     ```
     """

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..calibration.multi_exit import ExitRecords, evaluate_exits, search_exit_thresholds
+from ..calibration.record import CalibrationRecord
 from ..calibration.simulation import InfeasibleTargetError
 from ..labels import dataset_labels, warn_label_order
 from ..models.confidence import compute_confidence
@@ -403,17 +404,21 @@ def calibrate_and_evaluate(
     max_drop: float,
     budget_steps: int = 10,
     allow_no_savings: bool = False,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sets the model's thresholds from the calibration features and measures ESN and plain TinySaver.
 
     Args:
-        model: The trained ESN cascade; its `threshold`, `exit_thresholds` and `calibration` are set in place.
+        model: The trained ESN cascade; its `threshold`, `exit_thresholds` and `calibration` (a
+            [`~hf_tinysaver.calibration.record.CalibrationRecord`] as a dict) are set in place.
         calib_features: Calibration-split features ([`labelled_exit_features`]).
         eval_features: Held-out features, or `None`.
         max_drop: Allowed accuracy drop (percentage points).
         budget_steps: Resolution of the drop budget split between exits.
         allow_no_savings: Keep thresholds whose ESN cascade costs as much as the base alone or more; without it
             they raise `InfeasibleTargetError` (and the model is left unchanged).
+        source: Where the calibration data and models came from, for the record: any of `dataset`, `split`,
+            `shuffle_seed`, `saver`, `base`.
 
     Returns:
         A dict with the thresholds and, for `esn` and the plain `tinysaver` cascade (same saver, same objective),
@@ -427,7 +432,7 @@ def calibrate_and_evaluate(
     calibrated = esn_search.calibration
     if calibrated["relative_macs"] >= 1.0 and not allow_no_savings:
         raise InfeasibleTargetError(
-            f"The best ESN thresholds for a {max_drop}-point drop on these {calibrated['num_images']} calibration "
+            f"The best ESN thresholds for a {max_drop}-point drop on these {calibrated['n']} calibration "
             f"images cost {calibrated['relative_macs']:.4f}x the base alone (exit rates {calibrated['exit_rates']}) "
             "and save nothing: no exit is accurate enough where it is confident. What would help: a larger "
             "--max-drop, more training epochs or calibration images, a more accurate saver; or pass "
@@ -435,21 +440,27 @@ def calibrate_and_evaluate(
         )
     config.threshold = esn_search.thresholds[0]
     config.exit_thresholds = esn_search.thresholds[1:]
-    # The keys the plain cascade's calibration record uses (read by the model card), plus the ESN's own.
-    config.calibration = {
-        "objective": "max-drop",
-        "max_drop": max_drop,
-        "threshold": config.threshold,
-        "exit_rate": calibrated["exit_rates"][0],
-        "accuracy": calibrated["accuracy"],
-        "base_accuracy": calibrated["base_accuracy"],
-        "relative_macs": calibrated["relative_macs"],
-        "n": calibrated["num_images"],
-        "exit_thresholds": config.exit_thresholds,
-        "exit_rates": calibrated["exit_rates"],
-        "allowed_drops": esn_search.allowed_drops,
-        "search": "sequential (first exit first) per drop-budget split; fewest MACs",
-    }
+    config.calibration = CalibrationRecord.create(
+        {
+            "objective": "max-drop",
+            "max_drop": max_drop,
+            "threshold": config.threshold,
+            "exit_thresholds": config.exit_thresholds,
+            "exit_rate": calibrated["exit_rates"][0],
+            "exit_rates": calibrated["exit_rates"],
+            "accuracy": calibrated["accuracy"],
+            "base_accuracy": calibrated["base_accuracy"],
+            "accuracy_drop": calibrated["accuracy_drop"],
+            "relative_macs": calibrated["relative_macs"],
+            "relative_saver_macs": config.saver_macs / config.base_macs,
+            "n": calibrated["n"],
+            "confidence": config.confidence,
+            "confidence_temperature": config.confidence_temperature,
+            **(source or {}),
+            "allowed_drops": esn_search.allowed_drops,
+            "search": "sequential (first exit first) per drop-budget split; fewest MACs",
+        }
+    ).to_dict()
     results: dict[str, Any] = {
         "max_drop": max_drop,
         "relative_exit_macs": config.relative_exit_macs,
@@ -582,7 +593,16 @@ def train_and_calibrate_esn(
         seed=seed,
         on_epoch_end=lambda epoch, loss: say(f"epoch {epoch + 1}/{epochs} loss {loss:.4f}"),
     )
-    results = calibrate_and_evaluate(model, calib_features, eval_features, max_drop, budget_steps, allow_no_savings)
+    source = {
+        "dataset": str(dataset),
+        "split": calib_split,
+        "shuffle_seed": shuffle_seed,
+        "saver": str(saver),
+        "base": str(base),
+    }
+    results = calibrate_and_evaluate(
+        model, calib_features, eval_features, max_drop, budget_steps, allow_no_savings, source=source
+    )
     results.update(
         {
             "saver": str(saver),
@@ -599,15 +619,6 @@ def train_and_calibrate_esn(
                 "seed": seed,
                 "final_loss": losses[-1] if losses else None,
             },
-        }
-    )
-    model.config.calibration.update(
-        {
-            "dataset": str(dataset),
-            "split": calib_split,
-            "shuffle_seed": shuffle_seed,
-            "saver": str(saver),
-            "base": str(base),
         }
     )
     if out:
