@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.storage import write_json_atomic
 
 PLAIN_OBJECTIVES = [
     ("paper-no-loss", {}),
@@ -104,8 +105,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(results, indent=2))
-    Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results_file).write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(args.results_file, results)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverImageProcessor
 from hf_tinysaver.calibration.simulation import CascadeSimulation
 from hf_tinysaver.records import pair_from_records, record
+from hf_tinysaver.storage import write_json_atomic
 
 PREPROCESSING = {
     "input_size": [3, 32, 32],
@@ -121,8 +122,7 @@ def main() -> None:
         "objectives": results,
     }
     print(json.dumps(output, indent=2))
-    Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results_file).write_text(json.dumps(output, indent=2) + "\n")
+    write_json_atomic(args.results_file, output)
 
 
 if __name__ == "__main__":

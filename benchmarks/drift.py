@@ -44,7 +44,9 @@ import torch
 from PIL import Image
 
 from hf_tinysaver.monitor import DriftGuard
-from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade, load_dataset_split, write_json_atomic
+from hf_tinysaver.sources import load_dataset_split
+from hf_tinysaver.storage import write_file_atomic, write_json_atomic
+from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TINYSAVER_DRIFT_CACHE", Path.home() / ".cache" / "hf_tinysaver" / "drift"))
@@ -168,10 +170,7 @@ def shift_outputs(cascade, dataset, shift: str, batch_size: int = 250) -> dict[s
             columns["base_predictions"].append(base_logits.argmax(-1).numpy())
             columns["labels"].append(np.asarray(rows["label"]))
     outputs = {name: np.concatenate(parts) for name, parts in columns.items()}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, **outputs)
-    os.replace(temporary, path)
+    write_file_atomic(path, lambda file: np.savez(file, **outputs))
     return outputs
 
 

@@ -25,8 +25,8 @@ import torch
 
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverESNForImageClassification
 from hf_tinysaver.calibration.simulation import CascadeSimulation
-from hf_tinysaver.commands.esn import calibrate_and_evaluate
-from hf_tinysaver.workflows.esn import cached_exit_features, train_exit_sequence, write_json_atomic
+from hf_tinysaver.storage import write_json_atomic
+from hf_tinysaver.workflows.esn import cached_exit_features, calibrate_and_evaluate, train_exit_sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYSAVER_ASSETS", REPO_ROOT.parent / "shared"))
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             result = calibrate_and_evaluate(model, features["calib"], features["eval"], max_drop)
             # Robustness check that favours the baseline: the plain cascade's fewest MACs at the ESN's held-out
             # drop, with its threshold picked on the held-out split itself.
-            matched = eval_plain.calibrate("max-drop", max_drop=max(0.0, result["esn"]["eval"]["drop"]))
+            matched = eval_plain.calibrate("max-drop", max_drop=max(0.0, result["esn"]["eval"]["accuracy_drop"]))
             row = {
                 "width": width,
                 "layers": layers,
@@ -212,7 +212,7 @@ def summary_line(row: dict) -> str:
     esn, plain = row["esn"]["eval"], row["tinysaver"]["eval"]
     return (
         f"d={row['width']:<4} L={row['layers']} drop<={row['max_drop']}: ESN rel. MACs {esn['relative_macs']:.4f} "
-        f"(drop {esn['drop']:.2f}) vs TinySaver {plain['relative_macs']:.4f} (drop {plain['drop']:.2f}) -> "
+        f"(drop {esn['accuracy_drop']:.2f}) vs TinySaver {plain['relative_macs']:.4f} (drop {plain['accuracy_drop']:.2f}) -> "
         f"{row['relative_macs_esn_over_tinysaver']:.3f}x"
     )
 
@@ -227,8 +227,8 @@ def markdown_table(rows: list[dict]) -> str:
         esn, plain = row["esn"]["eval"], row["tinysaver"]["eval"]
         rates = ", ".join(f"{rate:.3f}" for rate in esn["exit_rates"])
         lines.append(
-            f"| {row['width']} | {row['layers']} | {row['max_drop']} | {esn['relative_macs']:.4f} | {esn['drop']:.2f} "
-            f"| {plain['relative_macs']:.4f} | {plain['drop']:.2f} | {row['relative_macs_esn_over_tinysaver']:.3f} "
+            f"| {row['width']} | {row['layers']} | {row['max_drop']} | {esn['relative_macs']:.4f} | {esn['accuracy_drop']:.2f} "
+            f"| {plain['relative_macs']:.4f} | {plain['accuracy_drop']:.2f} | {row['relative_macs_esn_over_tinysaver']:.3f} "
             f"| {row['tinysaver_oracle_at_esn_drop']['relative_macs']:.4f} | {rates} |"
         )
     return "\n".join(lines)

@@ -286,9 +286,9 @@ def section_esn() -> str | None:
                 row["layers"],
                 row["max_drop"],
                 f"{esn['relative_macs']:.3f}",
-                f"{esn['drop']:+.2f}",
+                f"{esn.get('accuracy_drop', esn.get('drop')):+.2f}",  # results written before 'drop' was renamed
                 f"{plain['relative_macs']:.3f}",
-                f"{plain['drop']:+.2f}",
+                f"{plain.get('accuracy_drop', plain.get('drop')):+.2f}",
                 f"{row['relative_macs_esn_over_tinysaver']:.3f}",
                 f"{row['tinysaver_oracle_at_esn_drop']['relative_macs']:.3f}",
             ]

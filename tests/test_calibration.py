@@ -480,3 +480,26 @@ def test_count_bisection_matches_direct_bounds():
         admitted_lower = counts[lower >= bound]
         assert expected_largest == (admitted_upper.max() if len(admitted_upper) else -1)
         assert expected_smallest == (admitted_lower.min() if len(admitted_lower) else n + 1)
+
+
+def test_calibration_record_round_trips_and_reads_older_records():
+    from hf_tinysaver import __version__
+    from hf_tinysaver.calibration.record import CalibrationRecord
+
+    simulation = CascadeSimulation([0.9, 0.2, 0.7], [0, 1, 0], [0, 0, 0], [0, 0, 1], relative_saver_macs=0.1)
+    result = simulation.calibrate("max-drop", max_drop=50.0)
+    record = CalibrationRecord.create({**result.to_dict(), "dataset": "cifar10", "split": "test", "custom": [1]})
+    assert (record.threshold, record.exit_rate, record.n) == (result.threshold, result.exit_rate, 3)
+    assert record.accuracy_drop == pytest.approx(result.accuracy_drop) and record.max_drop == 50.0
+    assert record.hf_tinysaver_version == __version__ and record.date is not None
+    assert record.extra == {"custom": [1]} and not record.is_multi_exit and record.thresholds == [result.threshold]
+    stored = record.to_dict()
+    assert stored["custom"] == [1] and "extra" not in stored and CalibrationRecord.from_dict(stored) == record
+
+    # An ESN record of an earlier version: `drop` / `num_images`, a plot path, no date or version.
+    old = {"objective": "max-drop", "threshold": 0.8, "exit_thresholds": [0.6], "exit_rates": [0.5, 0.3, 0.2]}
+    old |= {"drop": 0.4, "num_images": 500, "plot": "tradeoff.png", "allowed_drops": [0.2, 0.4]}
+    read = CalibrationRecord.from_dict(old)
+    assert (read.accuracy_drop, read.n, read.date, read.hf_tinysaver_version) == (0.4, 500, None, None)
+    assert read.is_multi_exit and read.thresholds == [0.8, 0.6] and read.extra == {"allowed_drops": [0.2, 0.4]}
+    assert "plot" not in read.to_dict() and CalibrationRecord.from_dict({}) == CalibrationRecord.from_dict(None)

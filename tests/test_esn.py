@@ -18,6 +18,13 @@ from hf_tinysaver import (
     TinySaverESNConfig,
     TinySaverESNForImageClassification,
 )
+from hf_tinysaver.calibration.multi_exit import (
+    ExitRecords,
+    evaluate_exits,
+    search_exit_thresholds,
+    sequential_thresholds,
+)
+from hf_tinysaver.models.confidence import first_exit
 from hf_tinysaver.models.modeling_tinysaver_esn import (
     ExitSequenceNetwork,
     count_macs_of,
@@ -26,14 +33,9 @@ from hf_tinysaver.models.modeling_tinysaver_esn import (
 )
 from hf_tinysaver.workflows.esn import (
     ExitFeatures,
-    ExitRecords,
-    assign_exits,
     cached_exit_features,
-    evaluate_exits,
     exit_records,
     extract_exit_features,
-    search_exit_thresholds,
-    sequential_thresholds,
     train_exit_sequence,
 )
 from tiny_models import randomize, timm_classifier, tiny_resnet, tiny_vit, tiny_vit_preprocessing
@@ -253,7 +255,7 @@ def test_records_simulation_matches_the_real_forward(cifar_model, pixels):
     thresholds = gap_thresholds(torch.from_numpy(records.confidences))
     with torch.no_grad():
         outputs = cifar_model(pixel_values=pixels, threshold=thresholds[0], exit_thresholds=thresholds[1:])
-    exit_index = assign_exits(records.confidences, thresholds)
+    exit_index = first_exit(torch.from_numpy(records.confidences), thresholds).numpy()
     assert exit_index.tolist() == outputs.exit_index.tolist()
     assert records.predictions[np.arange(len(exit_index)), exit_index].tolist() == outputs.logits.argmax(-1).tolist()
 
@@ -433,10 +435,10 @@ def test_sequential_search_meets_the_drop_and_beats_greedy_or_ties(max_drop):
     records = synthetic_records()
     exit_macs, base_macs = [30, 60, 90, 130], 100
     result = search_exit_thresholds(records, exit_macs, base_macs, max_drop)
-    assert result.calibration["drop"] <= max_drop + 1e-9
+    assert result.calibration["accuracy_drop"] <= max_drop + 1e-9
     assert result.calibration == evaluate_exits(records, result.thresholds, exit_macs, base_macs)
     greedy = evaluate_exits(records, sequential_thresholds(records, [max_drop] * 3), exit_macs, base_macs)
-    assert greedy["drop"] <= max_drop + 1e-9
+    assert greedy["accuracy_drop"] <= max_drop + 1e-9
     assert result.calibration["relative_macs"] <= greedy["relative_macs"]
     assert result.candidates == 66 and result.allowed_drops[-1] == max_drop
     assert sum(result.calibration["exit_rates"]) == pytest.approx(1.0)
@@ -449,9 +451,9 @@ def test_first_exit_is_searched_first_and_later_exits_only_take_the_rest():
     assert thresholds[0] == saver_alone[0]
 
 
-def test_assign_exits_takes_the_first_passing_exit():
-    confidences = np.array([[0.9, 0.9], [0.1, 0.9], [0.1, 0.1], [0.5, 0.2]])
-    assert assign_exits(confidences, [0.5, 0.5]).tolist() == [0, 1, 2, 2]
+def test_first_exit_takes_the_first_passing_exit():
+    confidences = torch.tensor([[0.9, 0.9], [0.1, 0.9], [0.1, 0.1], [0.5, 0.2]], dtype=torch.float64)
+    assert first_exit(confidences, [0.5, 0.5]).tolist() == [0, 1, 2, 2]
 
 
 # --- MACs -------------------------------------------------------------------------------------------------------
@@ -720,13 +722,27 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
     results = json.loads(results_file.read_text())
     assert results["splits"] == {"train": "train", "calib": "test[:50%]", "eval": "test[50%:]"}
     for cascade in ("esn", "tinysaver"):
-        assert results[cascade]["calibration"]["drop"] <= 10 + 1e-9
-        assert results[cascade]["eval"]["num_images"] == 16
+        assert results[cascade]["calibration"]["accuracy_drop"] <= 10 + 1e-9
+        assert results[cascade]["eval"]["n"] == 16
 
     reloaded = AutoModelForImageClassification.from_pretrained(out_dir)
     thresholds = results["esn"]["thresholds"]
     assert [reloaded.config.threshold, *reloaded.config.exit_thresholds] == thresholds
     assert reloaded.config.calibration["max_drop"] == 10
+    # The ESN stores the record the plain cascade stores: one schema, dated and versioned.
+    from hf_tinysaver import __version__
+    from hf_tinysaver.calibration.record import CalibrationRecord
+
+    record = CalibrationRecord.from_dict(reloaded.config.calibration)
+    assert record.thresholds == thresholds and record.is_multi_exit
+    assert record.n == results["esn"]["calibration"]["n"] == 16
+    assert record.accuracy_drop == pytest.approx(results["esn"]["calibration"]["accuracy_drop"])
+    assert (
+        record.exit_rates == results["esn"]["calibration"]["exit_rates"] and record.exit_rate == record.exit_rates[0]
+    )
+    assert (record.dataset, record.split, record.saver) == (str(tiny_dataset_dir), "test[:50%]", str(saver_dir))
+    assert record.hf_tinysaver_version == __version__ and record.date is not None
+    assert record.to_dict() == reloaded.config.calibration
     # The deployed model's real early-exit forward reproduces the held-out numbers computed from records.
     eval_split = datasets.load_dataset(str(tiny_dataset_dir), split="test[50%:]")
     inputs = reloaded.get_image_processor()(images=list(eval_split["image"]), return_tensors="pt")
@@ -743,6 +759,7 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
 def test_docstring_examples_run():
     import doctest
 
+    from hf_tinysaver.calibration import multi_exit
     from hf_tinysaver.models import modeling_tinysaver_esn
     from hf_tinysaver.workflows import esn
 
@@ -750,7 +767,7 @@ def test_docstring_examples_run():
     for name, obj in (
         ("TinySaverESNConfig", TinySaverESNConfig),
         ("TinySaverESNForImageClassification", modeling_tinysaver_esn.TinySaverESNForImageClassification),
-        ("search_exit_thresholds", esn.search_exit_thresholds),
+        ("search_exit_thresholds", multi_exit.search_exit_thresholds),
         ("esn", esn),
     ):
         text = obj.__doc__.replace("```python", "").replace("```", "")

@@ -350,3 +350,16 @@ def test_create_pr_commits_to_a_pull_request_ref_and_leaves_main(fake_hub, hub_e
     assert fake_hub.commits(REPO_ID, revision="refs/pr/1")[0].parent == head
     config = json.loads(Path(hf_hub_download(REPO_ID, "config.json", revision="refs/pr/1")).read_text())
     assert config["threshold"] == 0.7
+
+
+def test_push_finds_the_plot_in_the_folder_when_the_record_names_none(fake_hub, hub_env, tmp_path):
+    """Cascades saved now keep no plot path in their calibration record: the folder's tradeoff.png is the plot."""
+    calibration = {key: value for key, value in CALIBRATION.items() if key != "plot"}
+    cascade = tiny_vit_cascade(0.6, calibration=dict(calibration, threshold=0.6))
+    cascade.save_pretrained(tmp_path / "cascade")
+    write_plot(tmp_path / "cascade" / "tradeoff.png")
+    assert "plot" not in json.loads((tmp_path / "cascade" / "config.json").read_text())["calibration"]
+    push_cascade(tmp_path / "cascade", "tester/plot-from-folder")
+    assert "tradeoff.png" in fake_hub.commits("tester/plot-from-folder")[0].files
+    card = fake_hub.file_bytes("tester/plot-from-folder", "README.md").decode()
+    assert "![Accuracy versus relative MACs of the cascade as the threshold varies](tradeoff.png)" in card

@@ -251,8 +251,10 @@ def test_loaded_dataset_objects_and_column_detection(model, processor, tmp_path)
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TINYSAVER_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "records"
+    assert default_cache_dir("esn") == tmp_path / "esn"  # the ESN's feature cache shares the one root
     monkeypatch.delenv("TINYSAVER_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "hf_tinysaver" / "records"
+    assert default_cache_dir("esn") == Path.home() / ".cache" / "hf_tinysaver" / "esn"
 
 
 def test_simulation_from_records_matches_the_cascade_forward(data_folder, tmp_path):

@@ -118,6 +118,14 @@ def test_calibrate_then_evaluate_real_cifar_cascade(tmp_path):
     assert calibration["base_accuracy"] - calibration["accuracy"] <= 0.005 + 1e-12
     assert calibration["relative_macs"] < 0.6
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The record is the one CalibrationRecord type (the ESN's too), dated and versioned, and names no plot file.
+    from hf_tinysaver import __version__
+    from hf_tinysaver.calibration.record import CalibrationRecord
+
+    record = CalibrationRecord.from_dict(calibration)
+    assert record.to_dict() == calibration and "plot" not in calibration
+    assert record.accuracy_drop == pytest.approx(100 * (record.base_accuracy - record.accuracy))
+    assert record.hf_tinysaver_version == __version__ and record.date and not record.is_multi_exit
     curve = np.genfromtxt(out / "tradeoff.csv", delimiter=",", names=True)
     assert curve["exit_rate"].min() == 0 and curve["exit_rate"].max() == 1
 

@@ -31,7 +31,7 @@ import torch
 
 from .calibration.simulation import CascadeSimulation, check_finite_logits
 from .labels import check_label_range, dataset_labels
-from .storage import write_file_atomic as _atomic_write
+from .storage import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,14 @@ LABEL_COLUMNS = ("label", "labels")
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
 
 
-def default_cache_dir() -> Path:
-    """`$TINYSAVER_CACHE/records` when that variable is set, else `~/.cache/hf_tinysaver/records`."""
+def default_cache_dir(kind: str = "records") -> Path:
+    """The library's cache folder for `kind`: `$TINYSAVER_CACHE/<kind>` when that variable is set, else
+    `~/.cache/hf_tinysaver/<kind>`.
+
+    The one cache root of the library: records use `"records"`, the ESN's cached features `"esn"`.
+    """
     root = os.environ.get("TINYSAVER_CACHE")
-    return Path(root) / "records" if root else Path.home() / ".cache" / "hf_tinysaver" / "records"
+    return Path(root) / kind if root else Path.home() / ".cache" / "hf_tinysaver" / kind
 
 
 def _sha256_of_array(array: np.ndarray) -> str:
@@ -101,7 +105,7 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         checksum.update(name.encode())
         checksum.update(_sha256_of_array(arrays[name]).encode())
     payload = {**arrays, "checksum": np.array(checksum.hexdigest())}
-    _atomic_write(path, lambda file: np.savez(file, **payload))
+    write_file_atomic(path, lambda file: np.savez(file, **payload))
 
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -257,63 +261,61 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _load_shuffled_split(source: str, split: str, shuffle_seed: int):
-    """`split` of `source` taken from a fixed permutation of each named split (e.g. all of `test` for `test[:50%]`).
-
-    The slice syntax is parsed with `datasets.ReadInstruction`, so `test[:50%]` and `test[50%:]` under one seed are
-    disjoint and together the whole shuffled `test` split.
-    """
-    import datasets
-
-    try:
-        instruction = datasets.ReadInstruction.from_spec(split)
-    except (ValueError, AssertionError) as error:
-        raise ValueError(f"Cannot read the split {split!r} ({error}); use e.g. 'test' or 'test[:50%]'.") from error
-    names = list(dict.fromkeys(part.splitname for part in instruction._relative_instructions))
-    whole = {name: datasets.load_dataset(source, split=name).shuffle(seed=shuffle_seed) for name in names}
-    parts = [
-        whole[part.splitname].select(range(part.from_, part.to))
-        for part in instruction.to_absolute({name: len(data) for name, data in whole.items()})
-    ]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+def dataset_fingerprint(dataset: Any, image_column: str = "image", label_column: str = "label") -> str:
+    """SHA-256 of a loaded split's content (encoded image bytes and labels), not of its path: a rebuilt dataset
+    changes it, a moved one does not."""
+    digest = hashlib.sha256()
+    arrow = dataset.with_format("arrow")
+    for batch in arrow.iter(batch_size=10_000):
+        images = batch.column(image_column).combine_chunks()
+        if hasattr(images, "field") and images.type.num_fields:
+            for value in images.field("bytes"):
+                digest.update(value.as_buffer() if value.is_valid else b"\0")
+        else:
+            digest.update(repr(images.to_pylist()).encode())
+        digest.update(np.asarray(batch.column(label_column).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+    digest.update(str(len(dataset)).encode())
+    return digest.hexdigest()
 
 
 def _resolve_dataset(dataset: Any, split: str | None, fingerprint_files: bool = True, shuffle_seed: int | None = None):
-    """Returns `(datasets.Dataset, fingerprint, split)` for a local folder, a Hub id or a loaded dataset.
+    """Returns `(datasets.Dataset, fingerprint, split)` for a zoo name, a local folder, a Hub id or a loaded dataset.
 
-    With `fingerprint_files=False` a local folder's files are not hashed (processes other than the main one only
-    need the data, not the cache key). With `shuffle_seed`, a folder's or Hub id's named split is permuted as a whole
-    before the slice is applied (see `_load_shuffled_split`); a loaded dataset is permuted as it is.
+    The split is loaded by [`~hf_tinysaver.sources.load_dataset_split`] (the library's one split loader; with
+    `shuffle_seed`, each named split is permuted as a whole before the slice is taken, a loaded dataset as it is).
+    The fingerprint is `datasets`' own, combined for a local folder with [`folder_fingerprint`] of its files; with
+    `fingerprint_files=False` the files are not hashed (processes other than the main one only need the data, not the
+    cache key).
     """
-    import datasets
+    from .sources import load_dataset_split, resolve_dataset_source
 
-    if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
-        raise ValueError(f"shuffle_seed must be an integer or None, got {shuffle_seed!r}.")
+    if isinstance(dataset, (str, os.PathLike)) and split is None:
+        raise ValueError(f"Name the split to record from {os.fspath(dataset)!r}, e.g. split='test' or 'test[:50%]'.")
+    loaded = load_dataset_split(dataset, split, shuffle_seed=shuffle_seed)
+    fingerprint = loaded._fingerprint
     if isinstance(dataset, (str, os.PathLike)):
-        if split is None:
-            raise ValueError(f"Name the split to record from {dataset!r}, e.g. split='test' or 'test[:50%]'.")
-        if shuffle_seed is None:
-            loaded = datasets.load_dataset(str(dataset), split=split)
-        else:
-            loaded = _load_shuffled_split(str(dataset), split, shuffle_seed)
-        fingerprint = loaded._fingerprint
-        if fingerprint_files and os.path.isdir(dataset):
-            fingerprint = hashlib.sha256(f"{fingerprint}|{folder_fingerprint(dataset)}".encode()).hexdigest()
+        folder = resolve_dataset_source(dataset)
+        if fingerprint_files and os.path.isdir(folder):
+            fingerprint = hashlib.sha256(f"{fingerprint}|{folder_fingerprint(folder)}".encode()).hexdigest()
         return loaded, fingerprint, split
-    if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"Got a DatasetDict with splits {list(dataset)}; pass one split, e.g. dataset['test'].")
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
-            f"dataset must be a local folder, a Hub dataset id or a datasets.Dataset, got {type(dataset).__name__}."
-        )
-    if split is None and dataset.split is not None:
-        split = str(dataset.split)
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(seed=shuffle_seed)
-    return dataset, dataset._fingerprint, split
+    if split is None and loaded.split is not None:
+        split = str(loaded.split)
+    return loaded, fingerprint, split
 
 
-def _find_column(dataset, requested: str | None, candidates: Sequence[str], kind: str, required: bool) -> str | None:
+def find_column(dataset, requested: str | None, candidates: Sequence[str], kind: str, required: bool) -> str | None:
+    """The name of a dataset's image or label column.
+
+    Args:
+        dataset: A `datasets.Dataset`.
+        requested: The column the caller named (checked to exist), or None to look for one.
+        candidates: Names tried in order (e.g. `IMAGE_COLUMNS`, `LABEL_COLUMNS`).
+        kind: `"image"` or `"label"`, for messages; an image column is also found as the only `datasets.Image` one.
+        required: Raise when none is found (else return None).
+
+    Raises:
+        ValueError: `requested` is not a column, or a required column is not found.
+    """
     if requested is not None:
         if requested not in dataset.column_names:
             raise ValueError(f"No {kind} column {requested!r}; the dataset has {dataset.column_names}.")
@@ -548,8 +550,8 @@ def record(
     data, fingerprint, split = _resolve_dataset(
         dataset, split, fingerprint_files=state.is_main_process, shuffle_seed=shuffle_seed
     )
-    image_column = _find_column(data, image_column, IMAGE_COLUMNS, "image", required=True)
-    label_column = _find_column(data, label_column, LABEL_COLUMNS, "label", required=False)
+    image_column = find_column(data, image_column, IMAGE_COLUMNS, "image", required=True)
+    label_column = find_column(data, label_column, LABEL_COLUMNS, "label", required=False)
     if model_name is None:
         model_name = getattr(model, "name_or_path", None) or type(model).__name__
     if id2label is None:
@@ -844,8 +846,10 @@ __all__ = [
     "RECORDS_FORMAT_VERSION",
     "Records",
     "UnreadableImageError",
+    "dataset_fingerprint",
     "default_cache_dir",
     "distributed_state",
+    "find_column",
     "folder_fingerprint",
     "model_fingerprint",
     "pair_from_records",

@@ -69,8 +69,12 @@ _MODEL_FILE_PATTERNS = (
 # What the library writes into each kind of folder (shell patterns for names at the top level; a trailing "/" names
 # a sub-folder of the given kind). An existing folder holding only such names is the library's own output and may be
 # replaced without `overwrite`.
+# The fixed names of a saved cascade's calibration files: whoever needs one finds it in the folder by this name.
+CALIBRATION_FILE = "calibration.json"
+TRADEOFF_CSV_FILE = "tradeoff.csv"
+TRADEOFF_PLOT_FILE = "tradeoff.png"
 KNOWN_FOLDER_FILES: dict[str, tuple[str, ...]] = {
-    "cascade": (*_MODEL_FILE_PATTERNS, "calibration.json", "tradeoff.csv", "tradeoff.png"),
+    "cascade": (*_MODEL_FILE_PATTERNS, CALIBRATION_FILE, TRADEOFF_CSV_FILE, TRADEOFF_PLOT_FILE),
     "esn": _MODEL_FILE_PATTERNS,
     "demo": ("search.json", "search.csv", "search.png", "demo.json", "cascade/"),
 }
@@ -473,8 +477,11 @@ def atomic_folder(
 
 
 __all__ = [
+    "CALIBRATION_FILE",
     "KNOWN_FOLDER_FILES",
     "OutputFolderError",
+    "TRADEOFF_CSV_FILE",
+    "TRADEOFF_PLOT_FILE",
     "atomic_folder",
     "check_output_folder",
     "copy_file_atomic",

@@ -1,5 +1,5 @@
 """Calibration: the simulated cascade over recorded logits, its objectives, the binomial bounds and the certificates
-built on them."""
+built on them, the per-exit thresholds of multi-exit cascades, and the calibration record both kinds store."""
 
 from .bounds import *  # noqa: F403
 from .bounds import __all__ as _bounds_all
@@ -7,7 +7,18 @@ from .certification import *  # noqa: F403
 from .certification import __all__ as _certification_all
 from .checks import *  # noqa: F403
 from .checks import __all__ as _checks_all
+from .multi_exit import *  # noqa: F403
+from .multi_exit import __all__ as _multi_exit_all
+from .record import *  # noqa: F403
+from .record import __all__ as _record_all
 from .simulation import *  # noqa: F403
 from .simulation import __all__ as _simulation_all
 
-__all__ = sorted(set(_bounds_all) | set(_certification_all) | set(_checks_all) | set(_simulation_all))
+__all__ = sorted(
+    set(_bounds_all)
+    | set(_certification_all)
+    | set(_checks_all)
+    | set(_multi_exit_all)
+    | set(_record_all)
+    | set(_simulation_all)
+)

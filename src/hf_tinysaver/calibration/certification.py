@@ -127,7 +127,7 @@ def certify_fixed_sequence(bounds: np.ndarray, max_drop_fraction: float) -> int:
 
 def grid_counts(simulation, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exited, harm and gain counts of `simulation` at each grid threshold (`confidence > threshold` exits)."""
-    descending, counts = simulation._sorted
+    descending, counts = simulation.sorted_counts
     exited = np.searchsorted(-descending, -grid, side="left")
     return exited, counts[1][exited], counts[2][exited]
 

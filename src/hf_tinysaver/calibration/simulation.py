@@ -336,8 +336,15 @@ class CascadeSimulation:
         return None if self._correctness is None else float(self._correctness[0].mean())
 
     @cached_property
-    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
-        """Descending confidences and the per-sample cumulative counts in that order (length n + 1 each)."""
+    def sorted_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The samples in descending confidence, with cumulative counts in that order (cached).
+
+        Returns:
+            `(descending, counts)`: `descending` the `n` confidences sorted high to low (ties in sample order);
+            `counts` an int64 array `(rows, n + 1)` whose column `k` counts over the `k` most confident samples
+            (the ones that exit when exactly they do). Row 0 counts saver/base disagreements; with labels, row 1
+            the harms (base right, saver wrong) and row 2 the gains (saver right, base wrong).
+        """
         order = np.argsort(-self.confidence, kind="stable")
         columns = [self.saver_predictions[order] != self.base_predictions[order]]
         if self._correctness is not None:
@@ -350,7 +357,7 @@ class CascadeSimulation:
     @cached_property
     def curve(self) -> TradeoffCurve:
         """The full trade-off curve (one point per tie group plus "nothing exits"), cached."""
-        descending, counts = self._sorted
+        descending, counts = self.sorted_counts
         group_ends = np.flatnonzero(np.diff(descending)) + 1
         exited = np.concatenate([[0], group_ends, [self.n]]).astype(np.int64)
         group_confidences = descending[exited[1:] - 1]
@@ -405,7 +412,7 @@ class CascadeSimulation:
             A result with `objective="threshold"`.
         """
         threshold = validate_threshold(threshold)
-        descending, _ = self._sorted
+        descending, _ = self.sorted_counts
         exited = int(np.count_nonzero(descending > threshold))
         point = int(np.searchsorted(self.curve.exited, exited))
         return self._result("threshold", point, threshold=float(threshold))
@@ -498,7 +505,7 @@ class CascadeSimulation:
             raise ValueError(f"grid_size must be a positive integer or None, got {grid_size}.")
         grid_size = int(grid_size)
         grid = np.arange(grid_size, 0, -1, dtype=np.int64) / grid_size
-        descending, _ = self._sorted
+        descending, _ = self.sorted_counts
         exited = self.n - np.searchsorted(descending[::-1], grid, side="right")
         points = np.searchsorted(curve.exited, exited)
         failing = np.flatnonzero(curve.gains[points] < curve.harms[points])

@@ -256,7 +256,7 @@ def run_record(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..records import distributed_state
-    from ..storage import check_output_folder
+    from ..storage import TRADEOFF_PLOT_FILE, check_output_folder
     from ..workflows.cascade import build_cascade, calibrate_cascade, save_calibrated_cascade
 
     parameters = _objective_parameters(args)
@@ -276,7 +276,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         return 0
     out = save_calibrated_cascade(cascade, result, simulation, args.out, overwrite=args.overwrite)
     print(f"Calibrated {args.saver} -> {args.base} ({args.objective}): {result.describe()}")
-    plot = ", tradeoff.png" if "plot" in cascade.config.calibration else ""
+    plot = f", {TRADEOFF_PLOT_FILE}" if (out / TRADEOFF_PLOT_FILE).is_file() else ""
     print(f"Saved the cascade to {out} (calibration.json, tradeoff.csv{plot})")
     return 0
 

@@ -20,6 +20,7 @@ from huggingface_hub import DatasetCard, ModelCard, ModelCardData, constants
 from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_index
 from huggingface_hub.utils import yaml_dump
 
+from ..calibration.record import CalibrationRecord
 from ..models.configuration_tinysaver import TINYSAVER_VERSION, TinySaverConfig
 from ..storage import write_text_atomic
 
@@ -346,7 +347,9 @@ class TinySaverModelCardData(ModelCardData):
         Returns:
             The card data.
         """
-        calibration = dict(config.calibration or {})
+        recorded_calibration = dict(config.calibration or {})
+        # Read through the one record type, so records of earlier versions (older key names) render the same.
+        calibration = CalibrationRecord.from_dict(recorded_calibration).to_dict() if recorded_calibration else {}
         values: dict[str, Any] = {
             "threshold": config.threshold,
             "confidence": config.confidence,
@@ -373,7 +376,9 @@ class TinySaverModelCardData(ModelCardData):
         if values["dataset_id"] is None and dataset:
             values["dataset_type"] = os.path.basename(dataset.rstrip("/\\"))
             values["dataset_name"] = _local_dataset_pretty_name(dataset) or values["dataset_type"]
-        plot = calibration.get("plot")
+        # The plot comes as `plot_file` (push_cascade passes the folder's tradeoff.png); cascades saved by earlier
+        # versions named it in their calibration record instead.
+        plot = recorded_calibration.get("plot")
         values["plot_file"] = os.path.basename(plot) if isinstance(plot, str) and plot else None
         unknown = set(overrides) - {item.name for item in fields(cls) if item.init}
         if unknown:
@@ -442,6 +447,9 @@ class TinySaverModelCardData(ModelCardData):
             rows.append(("Objective", objective))
         if _is_number(record.get("threshold")):
             rows.append(("Threshold (exit when confidence > threshold)", f"{record['threshold']:.6g}"))
+        if isinstance(record.get("exit_thresholds"), list) and all(map(_is_number, record["exit_thresholds"])):
+            thresholds = ", ".join(f"{value:.6g}" for value in record["exit_thresholds"])
+            rows.append(("Thresholds of the later exits (ESN)", thresholds))
         if _is_number(record.get("exit_rate")):
             rows.append(("Exit rate (images answered by the saver)", _percent(record["exit_rate"], 1)))
         accuracy, base_accuracy = record.get("accuracy"), record.get("base_accuracy")

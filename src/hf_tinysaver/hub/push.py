@@ -12,6 +12,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from ..models.configuration_tinysaver import TinySaverConfig
+from ..storage import TRADEOFF_PLOT_FILE
 from .model_card import DEFAULT_TAGS, TinySaverModelCardData, generate_model_card
 
 if TYPE_CHECKING:
@@ -108,8 +109,12 @@ def _recorded_plot(folder: Path, recorded: str) -> Path:
 
 
 def _find_plot(folder: Path, config: TinySaverConfig, plot: str | os.PathLike | None) -> tuple[str, Path] | None:
-    """The plot to upload as `(path in repo, local path)`: `plot` if given (as its file name), else the one the
-    calibration record names inside the folder."""
+    """The plot to upload as `(path in repo, local path)`: `plot` if given (as its file name), else the folder's
+    `tradeoff.png` (the fixed name `save_calibrated_cascade` writes it under).
+
+    A cascade saved by an earlier version may still name its plot in the calibration record (`"plot"`); that path is
+    honoured (and refused when it leads outside the folder) so such folders push as before.
+    """
     if plot is not None:
         plot_path = Path(plot)
         if not plot_path.is_file():
@@ -117,6 +122,9 @@ def _find_plot(folder: Path, config: TinySaverConfig, plot: str | os.PathLike | 
         return plot_path.name, plot_path
     recorded = (config.calibration or {}).get("plot")
     if not isinstance(recorded, str) or not recorded:
+        default = folder / TRADEOFF_PLOT_FILE
+        if default.is_file() and _inside(default, folder.resolve()):
+            return TRADEOFF_PLOT_FILE, default
         return None
     plot_path = _recorded_plot(folder, recorded)
     if plot_path.is_file():

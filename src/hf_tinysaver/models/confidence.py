@@ -53,4 +53,21 @@ def compute_confidence(logits: torch.Tensor, metric: str = "max_prob", temperatu
     raise ValueError(f"Unknown confidence metric {metric!r}; choose one of {CONFIDENCE_METRICS}.")
 
 
-__all__ = ["compute_confidence", "CONFIDENCE_METRICS"]
+def first_exit(confidences: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Index of the first exit whose confidence is strictly greater than its threshold, else `len(thresholds)`.
+
+    The exit rule of a multi-exit cascade, used by the deployed ESN forward and by its calibration on records alike.
+
+    Args:
+        confidences: `(batch, E)` confidences of the exits in order (the saver first).
+        thresholds: `E` thresholds.
+
+    Returns:
+        `(batch,)` long tensor with values in `0..E` (`E` = the base's final answer).
+    """
+    passes = confidences > torch.as_tensor(thresholds, dtype=confidences.dtype, device=confidences.device)
+    passes = torch.cat([passes, passes.new_ones(passes.shape[0], 1)], dim=1)
+    return passes.long().argmax(dim=1)
+
+
+__all__ = ["CONFIDENCE_METRICS", "compute_confidence", "first_exit"]

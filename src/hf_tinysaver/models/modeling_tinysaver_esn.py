@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .confidence import compute_confidence
+from .confidence import compute_confidence, first_exit
 from .configuration_tinysaver import validate_threshold
 from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
 from .modeling_tinysaver import (
@@ -906,21 +906,6 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         )
 
 
-def first_exit(confidences: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """Index of the first exit whose confidence is strictly greater than its threshold, else `len(thresholds)`.
-
-    Args:
-        confidences: `(batch, E)` confidences of the exits in order (the saver first).
-        thresholds: `E` thresholds.
-
-    Returns:
-        `(batch,)` long tensor with values in `0..E` (`E` = the base's final answer).
-    """
-    passes = confidences > torch.as_tensor(thresholds, dtype=confidences.dtype, device=confidences.device)
-    passes = torch.cat([passes, passes.new_ones(passes.shape[0], 1)], dim=1)
-    return passes.long().argmax(dim=1)
-
-
 def exit_stage_positions(staged: StagedClassifier, exit_stages: list[str]) -> list[int]:
     """Positions of `exit_stages` among the base's stages; they must be in order and exclude the last stage."""
     positions = []
@@ -969,7 +954,6 @@ __all__ = [
     "TinySaverESNImageClassifierOutput",
     "classifier_module",
     "esn_loss",
-    "first_exit",
     "pool_feature",
     "run_with_pre_logits",
     "staged_classifier",

@@ -9,7 +9,6 @@ a Hub dataset id or a loaded `datasets.Dataset`. Which one a string is, [`hf_tin
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 import logging
 import math
@@ -21,23 +20,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..calibration.record import CalibrationRecord
 from ..calibration.simulation import DEFAULT_CERTIFICATE, CalibrationResult, CascadeSimulation, InfeasibleTargetError
 from ..labels import dataset_labels, warn_label_order
-from ..models.configuration_tinysaver import TINYSAVER_VERSION
 from ..models.image_processing_tinysaver import TinySaverImageProcessor
 from ..models.modeling_tinysaver import TinySaverForImageClassification
 from ..records import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
     Records,
-    _find_column,
     distributed_state,
+    find_column,
     pair_from_records,
     prepare_images,
     record,
 )
 from ..sources import dataset_name, load_dataset_split, load_model, resolve_dataset_source, split_name
-from ..storage import atomic_folder, write_json_atomic, write_text_atomic
+from ..storage import (
+    CALIBRATION_FILE,
+    TRADEOFF_CSV_FILE,
+    TRADEOFF_PLOT_FILE,
+    atomic_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,20 +226,20 @@ def calibrate_cascade(
     if result.relative_macs >= 1.0 and not allow_no_savings:
         raise InfeasibleTargetError(_no_savings_message(simulation, result, objective_parameters))
     cascade.config.threshold = float(result.threshold)
-    cascade.config.calibration = {
-        **result.to_dict(),
-        "confidence": cascade.config.confidence,
-        "confidence_temperature": cascade.config.confidence_temperature,
-        "dataset": dataset_name(dataset),
-        "split": split,
-        "shuffle_seed": shuffle_seed,
-        "saver": cascade.config.saver_config._name_or_path or None,
-        "base": cascade.config.base_config._name_or_path or None,
-        "oracle_relative_macs": simulation.oracle_relative_macs(),
-        **drift_reference(simulation, result.threshold),
-        "date": datetime.date.today().isoformat(),
-        "hf_tinysaver_version": TINYSAVER_VERSION,
-    }
+    cascade.config.calibration = CalibrationRecord.create(
+        {
+            **result.to_dict(),
+            "confidence": cascade.config.confidence,
+            "confidence_temperature": cascade.config.confidence_temperature,
+            "dataset": dataset_name(dataset),
+            "split": split,
+            "shuffle_seed": shuffle_seed,
+            "saver": cascade.config.saver_config._name_or_path or None,
+            "base": cascade.config.base_config._name_or_path or None,
+            "oracle_relative_macs": simulation.oracle_relative_macs(),
+            **drift_reference(simulation, result.threshold),
+        }
+    ).to_dict()
     return result, simulation
 
 
@@ -361,13 +367,14 @@ def save_calibrated_cascade(
     """Saves a cascade calibrated by [`calibrate_cascade`] with its calibration files, ready to push.
 
     Writes `save_pretrained` files, `calibration.json` (the calibration record of `cascade.config`), `tradeoff.csv`
-    (every operating point of the curve) and, on a labelled split, `tradeoff.png` (the curve with the chosen point).
+    (every operating point of the curve) and, on a labelled split, `tradeoff.png` (the curve with the chosen point;
+    whoever needs it, e.g. [`~hf_tinysaver.hub.push.push_cascade`], finds it under that name in the folder).
     Everything is written into a hidden folder beside `out` and swapped in as a whole when complete
     ([`~storage.atomic_folder`]): an interrupt leaves the complete old folder or the complete new one, and nothing of an
     old folder (stale shards, `pytorch_model.bin`, ...) stays beside the new files.
 
     Args:
-        cascade: The calibrated cascade; `cascade.config.calibration` gains `"plot"` when the plot is written.
+        cascade: The calibrated cascade (unchanged: the record names no files).
         result: The operating point [`calibrate_cascade`] chose.
         simulation: The simulation it was chosen on.
         out: The folder to write (created if needed).
@@ -385,17 +392,16 @@ def save_calibrated_cascade(
     with atomic_folder(out, overwrite=overwrite, kind="cascade", option="out") as folder:
         if simulation.curve.accuracy is not None:
             plot_tradeoff(
-                folder / "tradeoff.png",
+                folder / TRADEOFF_PLOT_FILE,
                 {saver_name: simulation.curve},
                 base_accuracy=simulation.base_accuracy,
                 base_name=base_name,
                 operating_points={saver_name: result},
                 title=f"{saver_name} -> {base_name} on {calibration.get('dataset')} {calibration.get('split')}",
             )
-            calibration["plot"] = "tradeoff.png"
         cascade.save_pretrained(folder)
-        write_curve_csv(folder / "tradeoff.csv", simulation)
-        write_json_atomic(folder / "calibration.json", calibration)
+        write_curve_csv(folder / TRADEOFF_CSV_FILE, simulation)
+        write_json_atomic(folder / CALIBRATION_FILE, calibration)
     return Path(out)
 
 
@@ -435,8 +441,8 @@ def evaluate_cascade(
     source = resolve_dataset_source(dataset, assets)
     data = load_dataset_split(source, split, shuffle_seed=shuffle_seed)
     split = split_name(data, split)
-    image_column = _find_column(data, None, IMAGE_COLUMNS, "image", required=True)
-    label_column = _find_column(data, None, LABEL_COLUMNS, "label", required=True)
+    image_column = find_column(data, None, IMAGE_COLUMNS, "image", required=True)
+    label_column = find_column(data, None, LABEL_COLUMNS, "label", required=True)
     labels, _ = dataset_labels(
         data, label_column, config.id2label, label_map, where=f"the split {split!r}", model_description="the cascade"
     )

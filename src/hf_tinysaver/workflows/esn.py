@@ -8,11 +8,12 @@ Exit decisions here use exactly the code path of [`TinySaverESNForImageClassific
 (tokens embedded one exit at a time, each exit computed from the tokens so far), so thresholds chosen on records
 carry over to the deployed model.
 
-Example (the `tinysaver esn-train` command runs these steps):
+Example (the steps [`train_and_calibrate_esn`], and so the `tinysaver esn-train` command, runs):
 
 ```python
 >>> from hf_tinysaver import TinySaverESNForImageClassification
->>> from hf_tinysaver.workflows.esn import cached_exit_features, exit_records, search_exit_thresholds, train_exit_sequence
+>>> from hf_tinysaver.calibration.multi_exit import search_exit_thresholds
+>>> from hf_tinysaver.workflows.esn import cached_exit_features, exit_records, train_exit_sequence
 >>> from hf_tinysaver.zoo import load_zoo_dataset
 
 >>> model = TinySaverESNForImageClassification.from_saver_and_base(
@@ -30,11 +31,10 @@ Example (the `tinysaver esn-train` command runs these steps):
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibration.simulation import CascadeSimulation
+from ..calibration.multi_exit import ExitRecords, evaluate_exits, search_exit_thresholds
+from ..calibration.record import CalibrationRecord
+from ..calibration.simulation import InfeasibleTargetError
+from ..labels import dataset_labels, warn_label_order
 from ..models.confidence import compute_confidence
 from ..models.image_processing_tinysaver import normalize_preprocessing
 from ..models.modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
-from ..records import prepare_images
-from ..storage import write_file_atomic, write_json_atomic
+from ..records import dataset_fingerprint, default_cache_dir, model_fingerprint, prepare_images
+from ..sources import dataset_name, load_dataset_split, load_model
+from ..storage import atomic_folder, check_output_folder, write_file_atomic
 
 FEATURES_FORMAT_VERSION = 1
 
@@ -109,37 +113,6 @@ class ExitFeatures:
         )
 
 
-def default_cache_dir() -> Path:
-    """`$TINYSAVER_CACHE/esn` when set, else `~/.cache/hf_tinysaver/esn`."""
-    root = os.environ.get("TINYSAVER_CACHE")
-    return Path(root) / "esn" if root else Path.home() / ".cache" / "hf_tinysaver" / "esn"
-
-
-def dataset_fingerprint(dataset: Any, image_column: str = "image", label_column: str = "label") -> str:
-    """A hash of the split's content (encoded image bytes and labels), not of its path: a rebuilt dataset changes it."""
-    digest = hashlib.sha256()
-    arrow = dataset.with_format("arrow")
-    for batch in arrow.iter(batch_size=10_000):
-        images = batch.column(image_column).combine_chunks()
-        if hasattr(images, "field") and images.type.num_fields:
-            for value in images.field("bytes"):
-                digest.update(value.as_buffer() if value.is_valid else b"\0")
-        else:
-            digest.update(repr(images.to_pylist()).encode())
-        digest.update(np.asarray(batch.column(label_column).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
-    digest.update(str(len(dataset)).encode())
-    return digest.hexdigest()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's parameters and buffers only: features do not depend on its config's bookkeeping keys."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _normalized(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     return normalize_preprocessing(spec) if spec is not None else None
 
@@ -148,8 +121,8 @@ def _features_key(model: TinySaverESNForImageClassification, data_fingerprint: s
     description = {
         "format": FEATURES_FORMAT_VERSION,
         "data": data_fingerprint,
-        "saver": weights_fingerprint(model.saver),
-        "base": weights_fingerprint(model.base),
+        "saver": model_fingerprint(model.saver),
+        "base": model_fingerprint(model.base),
         "exit_stages": model.config.exit_stages,
         "label_mapping": model.config.label_mapping,
         # Normalised: the same preprocessing spelt with or without its defaults shares the cache.
@@ -228,7 +201,7 @@ def cached_exit_features(
     Args:
         model: The ESN cascade.
         dataset: A `datasets.Dataset` split.
-        cache_dir: Where to keep the features; defaults to [`default_cache_dir`].
+        cache_dir: Where to keep the features; defaults to `default_cache_dir("esn")` (`$TINYSAVER_CACHE/esn`).
         batch_size: Images per forward pass when computing.
         image_column: Name of the image column.
         label_column: Name of the label column.
@@ -237,7 +210,7 @@ def cached_exit_features(
     Returns:
         The split's [`ExitFeatures`], loaded or computed and stored.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir("esn")
     path = cache_dir / f"features-{_features_key(model, dataset_fingerprint(dataset, image_column, label_column))}.pt"
     if path.exists():
         return ExitFeatures.load(path)
@@ -327,30 +300,6 @@ def train_exit_sequence(
     return epoch_losses
 
 
-@dataclass
-class ExitRecords:
-    """Per-image confidence and prediction at every answer point, for threshold search and evaluation.
-
-    Attributes:
-        confidences: `(n, E)` float64: the saver's confidence, then each ESN exit's (`E = P + 1` exits).
-        predictions: `(n, E + 1)` int: the prediction at each exit, then the base's final prediction.
-        labels: `(n,)` int class indices.
-    """
-
-    confidences: np.ndarray
-    predictions: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def correct(self) -> np.ndarray:
-        """`(n, E + 1)` bool: whether each answer point is right on each image."""
-        return self.predictions == self.labels[:, None]
-
-    def saver_only(self) -> ExitRecords:
-        """The records of the plain TinySaver cascade: the saver, then the base."""
-        return ExitRecords(self.confidences[:, :1], self.predictions[:, [0, -1]], self.labels)
-
-
 @torch.no_grad()
 def exit_records(
     model: TinySaverESNForImageClassification, features: ExitFeatures, batch_size: int = 4096
@@ -393,188 +342,303 @@ def exit_records(
     )
 
 
-def assign_exits(confidences: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Answer point of each image: the first exit whose confidence is strictly greater than its threshold, else `E`.
+def labelled_exit_features(
+    model: TinySaverESNForImageClassification,
+    dataset: Any,
+    split: str,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    image_column: str = "image",
+    label_column: str = "label",
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> ExitFeatures:
+    """Loads a split, checks its labels against the model's classes and returns its (cached) features.
 
     Args:
-        confidences: `(n, E)` confidences of the exits in order.
-        thresholds: `E` thresholds.
+        model: The ESN cascade.
+        dataset: A zoo dataset name, a local folder, a Hub dataset id or a `datasets.Dataset` (loaded by
+            [`~hf_tinysaver.sources.load_dataset_split`]).
+        split: The split with optional slicing, e.g. `"test[:50%]"`.
+        shuffle_seed: Permute each whole named split with this seed before slicing.
+        label_map: Dataset class -> model class (see [`~hf_tinysaver.labels.dataset_labels`]).
+        cache_dir: The feature cache (default `$TINYSAVER_CACHE/esn`).
+        batch_size: Images per forward pass of the frozen models.
+        image_column: Name of the image column.
+        label_column: Name of the label column.
+        progress: Show a progress bar while computing.
+        say: Called with a line of progress text.
 
     Returns:
-        `(n,)` ints in `0..E` (`E` = the base's final answer).
+        The split's [`ExitFeatures`], whose labels are the model's class ids.
+
+    Raises:
+        ValueError: The split has no labels (the ESN needs labelled splits), or its labels do not fit the model.
     """
-    passes = confidences > np.asarray(thresholds, dtype=np.float64)[None, :]
-    passes = np.concatenate([passes, np.ones((passes.shape[0], 1), dtype=bool)], axis=1)
-    return passes.argmax(axis=1)
-
-
-def evaluate_exits(
-    records: ExitRecords, thresholds: Sequence[float], exit_macs: Sequence[int], base_macs: int
-) -> dict[str, Any]:
-    """Accuracy, accuracy drop against the base, exit rates and relative MACs of a threshold setting.
-
-    Args:
-        records: Records of the split to evaluate.
-        thresholds: One threshold per exit (the saver's first).
-        exit_macs: Cumulative MACs of each answer point (each exit, then the final base answer).
-        base_macs: MACs of the base alone, the unit of `relative_macs`.
-
-    Returns:
-        A dict with `accuracy`, `base_accuracy`, `drop` (percentage points), `exit_rates` (one per answer point),
-        `relative_macs` (mean MACs per image / base MACs) and `num_images`.
-    """
-    num_points = records.predictions.shape[1]
-    if len(thresholds) != num_points - 1 or len(exit_macs) != num_points:
-        raise ValueError(
-            f"Records have {num_points - 1} exits: give {num_points - 1} thresholds and {num_points} exit_macs."
-        )
-    exit_index = assign_exits(records.confidences, thresholds)
-    correct = records.correct
-    count = len(exit_index)
-    right = int(correct[np.arange(count), exit_index].sum())
-    base_right = int(correct[:, -1].sum())
-    return {
-        "accuracy": right / count,
-        "base_accuracy": base_right / count,
-        "drop": 100.0 * (base_right - right) / count,  # from counts: no float residue on a drop exactly at target
-        "exit_rates": (np.bincount(exit_index, minlength=num_points) / len(exit_index)).tolist(),
-        "relative_macs": float(np.asarray(exit_macs, dtype=np.float64)[exit_index].mean() / base_macs),
-        "num_images": int(len(exit_index)),
-    }
-
-
-def sequential_thresholds(records: ExitRecords, allowed_drops: Sequence[float]) -> list[float]:
-    """Thresholds chosen exit by exit, first exit first, with the `max-drop` objective of `hf_tinysaver.calibration.simulation`.
-
-    Exit `e` takes the lowest threshold for which the accuracy of the whole cascade, with exits `0..e` set and every
-    later image answered by the base, stays at least `base accuracy - allowed_drops[e]` points. Each step is the
-    plain cascade's calibration ([`~calibration.CascadeSimulation`], `max-drop`) on the images still running, exit
-    `e` in the saver's role and the base's final answer in the base's, given what the earlier exits already cost.
-
-    Args:
-        records: Calibration records.
-        allowed_drops: Cumulative allowed accuracy drop (percentage points) after each exit; non-decreasing.
-
-    Returns:
-        One threshold per exit.
-    """
-    confidences, predictions, labels = records.confidences, records.predictions, records.labels
-    count, num_exits = confidences.shape
-    if len(allowed_drops) != num_exits:
-        raise ValueError(f"Expected {num_exits} allowed drops, got {len(allowed_drops)}.")
-    if np.any(np.diff(np.asarray(allowed_drops, dtype=np.float64)) < 0):
-        raise ValueError(f"allowed_drops must be non-decreasing, got {list(allowed_drops)}.")
-    correct = records.correct
-    answered = np.zeros(count, dtype=bool)
-    lost = 0  # right answers of the base that earlier exits turned wrong, net of the reverse
-    thresholds = []
-    for exit_number in range(num_exits):
-        pending = ~answered
-        pending_count = int(pending.sum())
-        if pending_count == 0:
-            thresholds.append(1.0)
-            continue
-        # Integer loss budget, rounded as `CascadeSimulation` rounds it; >= 0 as the budgets never shrink.
-        allowed_loss = math.floor(round(allowed_drops[exit_number] / 100.0 * count, 9)) - lost
-        simulation = CascadeSimulation(
-            confidences[pending, exit_number],
-            predictions[pending, exit_number],
-            predictions[pending, -1],
-            labels[pending],
-        )
-        threshold = simulation.calibrate("max-drop", max_drop=100.0 * allowed_loss / pending_count).threshold
-        leaving = pending & (confidences[:, exit_number] > threshold)
-        lost += int(correct[leaving, -1].sum()) - int(correct[leaving, exit_number].sum())
-        answered |= leaving
-        thresholds.append(threshold)
-    return thresholds
-
-
-@dataclass
-class ThresholdSearchResult:
-    """Outcome of [`search_exit_thresholds`] on the calibration split.
-
-    Attributes:
-        thresholds: One threshold per exit, the saver's first.
-        allowed_drops: The cumulative drop budget each exit was given (points).
-        calibration: [`evaluate_exits`] of `thresholds` on the calibration split.
-        candidates: How many budget schedules were tried.
-    """
-
-    thresholds: list[float]
-    allowed_drops: list[float]
-    calibration: dict[str, Any]
-    candidates: int = 1
-
-
-def search_exit_thresholds(
-    records: ExitRecords, exit_macs: Sequence[int], base_macs: int, max_drop: float, budget_steps: int = 10
-) -> ThresholdSearchResult:
-    """Per-exit thresholds with the fewest MACs whose calibration accuracy is within `max_drop` points of the base.
-
-    Each candidate is a sequential search ([`sequential_thresholds`], first exit first) under a budget schedule: exit
-    `e` may use a cumulative fraction of `max_drop` (fractions on a grid of `1 / budget_steps`, non-decreasing, the
-    last exit always the whole drop). Letting the first exit spend the whole budget (the greedy schedule) is one of
-    the candidates; the schedule with the fewest MACs on the calibration split wins (ties: the higher accuracy).
-
-    Args:
-        records: Calibration records ([`exit_records`]).
-        exit_macs: Cumulative MACs of each answer point (`config.exit_macs`).
-        base_macs: MACs of the base alone.
-        max_drop: Allowed top-1 accuracy drop against the base, in percentage points.
-        budget_steps: Resolution of the budget split between exits.
-
-    Returns:
-        A [`ThresholdSearchResult`].
-
-    Example:
-
-    ```python
-    >>> import numpy as np
-    >>> from hf_tinysaver.workflows.esn import ExitRecords, search_exit_thresholds
-
-    >>> rng = np.random.default_rng(0)
-    >>> labels = rng.integers(0, 10, 1000)
-    >>> confidences = rng.random((1000, 2))  # the saver's, then one ESN exit's
-    >>> right = rng.random((1000, 3)) < [[0.7, 0.75, 0.8]]  # saver, ESN exit, base
-    >>> records = ExitRecords(confidences, np.where(right, labels[:, None], (labels[:, None] + 1) % 10), labels)
-    >>> result = search_exit_thresholds(records, exit_macs=[30, 70, 130], base_macs=100, max_drop=1.0)
-    >>> len(result.thresholds), result.calibration["drop"] <= 1.0
-    (2, True)
-    ```
-    """
-    num_exits = records.confidences.shape[1]
-    if max_drop < 0:
-        raise ValueError(f"max_drop must be >= 0 percentage points, got {max_drop}.")
-    best: tuple[tuple[float, float], list[float], list[float], dict] | None = None
-    schedules = list(itertools.combinations_with_replacement(range(budget_steps + 1), num_exits - 1))
-    for schedule in schedules:
-        allowed = [max_drop * step / budget_steps for step in schedule] + [max_drop]
-        thresholds = sequential_thresholds(records, allowed)
-        result = evaluate_exits(records, thresholds, exit_macs, base_macs)
-        key = (result["relative_macs"], -result["accuracy"])
-        if best is None or key < best[0]:
-            best = (key, thresholds, allowed, result)
-    _, thresholds, allowed, result = best
-    return ThresholdSearchResult(
-        thresholds=thresholds, allowed_drops=allowed, calibration=result, candidates=len(schedules)
+    data = load_dataset_split(dataset, split, shuffle_seed=shuffle_seed)
+    if say is not None:
+        say(f"features of {dataset_name(dataset)} {split} ({len(data)} images)")
+    labels, _ = dataset_labels(data, label_column, model.config.id2label, label_map, where=f"the split {split!r}")
+    if labels is None:
+        raise ValueError(f"Every label of the split {split!r} is -1 (no label); the ESN needs labelled splits.")
+    features = cached_exit_features(
+        model,
+        data,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        image_column=image_column,
+        label_column=label_column,
+        progress=progress,
     )
+    # The cache holds the dataset's own labels; the ESN trains and calibrates on the model's class ids.
+    features.labels = torch.as_tensor(labels, dtype=torch.long)
+    return features
+
+
+def calibrate_and_evaluate(
+    model: TinySaverESNForImageClassification,
+    calib_features,
+    eval_features,
+    max_drop: float,
+    budget_steps: int = 10,
+    allow_no_savings: bool = False,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sets the model's thresholds from the calibration features and measures ESN and plain TinySaver.
+
+    Args:
+        model: The trained ESN cascade; its `threshold`, `exit_thresholds` and `calibration` (a
+            [`~hf_tinysaver.calibration.record.CalibrationRecord`] as a dict) are set in place.
+        calib_features: Calibration-split features ([`labelled_exit_features`]).
+        eval_features: Held-out features, or `None`.
+        max_drop: Allowed accuracy drop (percentage points).
+        budget_steps: Resolution of the drop budget split between exits.
+        allow_no_savings: Keep thresholds whose ESN cascade costs as much as the base alone or more; without it
+            they raise `InfeasibleTargetError` (and the model is left unchanged).
+        source: Where the calibration data and models came from, for the record: any of `dataset`, `split`,
+            `shuffle_seed`, `saver`, `base`.
+
+    Returns:
+        A dict with the thresholds and, for `esn` and the plain `tinysaver` cascade (same saver, same objective),
+        the calibration and held-out [`evaluate_exits`] results.
+    """
+    config = model.config
+    plain_macs = [config.saver_macs, config.saver_macs + config.base_macs]
+    calib_records = exit_records(model, calib_features)
+    esn_search = search_exit_thresholds(calib_records, config.exit_macs, config.base_macs, max_drop, budget_steps)
+    plain_search = search_exit_thresholds(calib_records.saver_only(), plain_macs, config.base_macs, max_drop)
+    calibrated = esn_search.calibration
+    if calibrated["relative_macs"] >= 1.0 and not allow_no_savings:
+        raise InfeasibleTargetError(
+            f"The best ESN thresholds for a {max_drop}-point drop on these {calibrated['n']} calibration "
+            f"images cost {calibrated['relative_macs']:.4f}x the base alone (exit rates {calibrated['exit_rates']}) "
+            "and save nothing: no exit is accurate enough where it is confident. What would help: a larger "
+            "--max-drop, more training epochs or calibration images, a more accurate saver; or pass "
+            "--allow-no-savings (allow_no_savings=True) to keep these thresholds anyway."
+        )
+    config.threshold = esn_search.thresholds[0]
+    config.exit_thresholds = esn_search.thresholds[1:]
+    config.calibration = CalibrationRecord.create(
+        {
+            "objective": "max-drop",
+            "max_drop": max_drop,
+            "threshold": config.threshold,
+            "exit_thresholds": config.exit_thresholds,
+            "exit_rate": calibrated["exit_rates"][0],
+            "exit_rates": calibrated["exit_rates"],
+            "accuracy": calibrated["accuracy"],
+            "base_accuracy": calibrated["base_accuracy"],
+            "accuracy_drop": calibrated["accuracy_drop"],
+            "relative_macs": calibrated["relative_macs"],
+            "relative_saver_macs": config.saver_macs / config.base_macs,
+            "n": calibrated["n"],
+            "confidence": config.confidence,
+            "confidence_temperature": config.confidence_temperature,
+            **(source or {}),
+            "allowed_drops": esn_search.allowed_drops,
+            "search": "sequential (first exit first) per drop-budget split; fewest MACs",
+        }
+    ).to_dict()
+    results: dict[str, Any] = {
+        "max_drop": max_drop,
+        "relative_exit_macs": config.relative_exit_macs,
+        "esn": {
+            "thresholds": esn_search.thresholds,
+            "allowed_drops": esn_search.allowed_drops,
+            "calibration": esn_search.calibration,
+        },
+        "tinysaver": {"thresholds": plain_search.thresholds, "calibration": plain_search.calibration},
+    }
+    if eval_features is not None:
+        eval_records = exit_records(model, eval_features)
+        results["esn"]["eval"] = evaluate_exits(
+            eval_records, esn_search.thresholds, config.exit_macs, config.base_macs
+        )
+        results["tinysaver"]["eval"] = evaluate_exits(
+            eval_records.saver_only(), plain_search.thresholds, plain_macs, config.base_macs
+        )
+    return results
+
+
+def train_and_calibrate_esn(
+    saver: Any,
+    base: Any,
+    dataset: Any,
+    train_split: str = "train",
+    calib_split: str = "test[:50%]",
+    eval_split: str | None = "test[50%:]",
+    exit_stages: list[str] | None = None,
+    confidence: str = "max_prob",
+    width: int = 128,
+    layers: int = 1,
+    heads: int = 4,
+    mlp_ratio: float = 4.0,
+    epochs: int = 20,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.05,
+    batch_size: int = 256,
+    feature_batch_size: int = 256,
+    seed: int = 0,
+    max_drop: float = 0.5,
+    budget_steps: int = 10,
+    allow_no_savings: bool = False,
+    shuffle_seed: int | None = None,
+    label_map: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> tuple[TinySaverESNForImageClassification, dict[str, Any]]:
+    """What `tinysaver esn-train` does: builds the ESN cascade, trains it on cached features, calibrates its
+    thresholds, evaluates it held out, and saves (and pushes) it.
+
+    Args:
+        saver, base: Models as [`~hf_tinysaver.sources.load_model`] accepts them (instances, zoo names, folders, Hub
+            ids).
+        dataset: The dataset all splits come from (see [`labelled_exit_features`]).
+        train_split, calib_split, eval_split: The splits the ESN trains on, the thresholds are chosen on, and the
+            reported numbers come from (`eval_split` None or empty: no held-out evaluation).
+        exit_stages: Base stages followed by an exit (default: every stage but the last).
+        confidence: The confidence metric.
+        width, layers, heads, mlp_ratio: The ESN's shape.
+        epochs, learning_rate, weight_decay, batch_size, seed: Training (see [`train_exit_sequence`]).
+        feature_batch_size: Batch size of the frozen models.
+        max_drop, budget_steps, allow_no_savings: Calibration (see [`calibrate_and_evaluate`]).
+        shuffle_seed, label_map, cache_dir, image_column, label_column: Data (see [`labelled_exit_features`]).
+        out: Folder to save the calibrated model to (checked before any work; written atomically).
+        overwrite: Replace `out` even when it holds files hf_tinysaver did not write.
+        push_to_hub: Also push the model to this repo id.
+        progress: Show progress bars.
+        say: Called with lines of progress text.
+
+    Returns:
+        The calibrated model and the results (thresholds, calibration and held-out figures of the ESN and of the
+        plain cascade, and the run's settings).
+    """
+    from ..models.modeling_tinysaver import find_preprocessing
+
+    if out:
+        check_output_folder(out, overwrite=overwrite, kind="esn", option="--out")
+    say = say or (lambda *_: None)
+    torch.manual_seed(seed)
+    # Loaded here so that a name that is no zoo name, folder or Hub id gets the library's one-line error.
+    saver_model, base_model = load_model(saver), load_model(base)
+    model = TinySaverESNForImageClassification.from_saver_and_base(
+        saver_model,
+        base_model,
+        saver_preprocessing=find_preprocessing(saver_model, saver, role="saver"),
+        base_preprocessing=find_preprocessing(base_model, base, role="base"),
+        esn_width=width,
+        esn_layers=layers,
+        esn_num_heads=heads,
+        esn_mlp_ratio=mlp_ratio,
+        exit_stages=exit_stages,
+        confidence=confidence,
+    )
+    say(f"exit stages {model.config.exit_stages}; relative MACs per answer point {model.config.relative_exit_macs}")
+
+    def features_of(split: str) -> ExitFeatures:
+        return labelled_exit_features(
+            model,
+            dataset,
+            split,
+            shuffle_seed=shuffle_seed,
+            label_map=label_map,
+            cache_dir=cache_dir,
+            batch_size=feature_batch_size,
+            image_column=image_column,
+            label_column=label_column,
+            progress=progress,
+            say=say,
+        )
+
+    train_features = features_of(train_split)
+    calib_features = features_of(calib_split)
+    warn_label_order(calib_features.labels.numpy(), len(model.config.id2label), calib_split)
+    eval_features = features_of(eval_split) if eval_split else None
+
+    losses = train_exit_sequence(
+        model,
+        train_features,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        on_epoch_end=lambda epoch, loss: say(f"epoch {epoch + 1}/{epochs} loss {loss:.4f}"),
+    )
+    source = {
+        "dataset": str(dataset),
+        "split": calib_split,
+        "shuffle_seed": shuffle_seed,
+        "saver": str(saver),
+        "base": str(base),
+    }
+    results = calibrate_and_evaluate(
+        model, calib_features, eval_features, max_drop, budget_steps, allow_no_savings, source=source
+    )
+    results.update(
+        {
+            "saver": str(saver),
+            "base": str(base),
+            "dataset": str(dataset),
+            "splits": {"train": train_split, "calib": calib_split, "eval": eval_split or None},
+            "shuffle_seed": shuffle_seed,
+            "esn_shape": {"width": width, "layers": layers, "heads": heads, "mlp_ratio": mlp_ratio},
+            "training": {
+                "epochs": epochs,
+                "lr": learning_rate,
+                "weight_decay": weight_decay,
+                "batch_size": batch_size,
+                "seed": seed,
+                "final_loss": losses[-1] if losses else None,
+            },
+        }
+    )
+    if out:
+        with atomic_folder(out, overwrite=overwrite, kind="esn", option="--out") as folder:
+            model.save_pretrained(folder)
+        results["out"] = str(out)
+        say(f"saved to {out}")
+    if push_to_hub:
+        model.push_to_hub(push_to_hub)
+        results["pushed_to"] = push_to_hub
+    return model, results
 
 
 __all__ = [
     "ExitFeatures",
-    "ExitRecords",
-    "ThresholdSearchResult",
-    "assign_exits",
+    "calibrate_and_evaluate",
     "cached_exit_features",
-    "dataset_fingerprint",
-    "default_cache_dir",
-    "evaluate_exits",
     "exit_records",
     "extract_exit_features",
-    "search_exit_thresholds",
-    "sequential_thresholds",
+    "labelled_exit_features",
+    "train_and_calibrate_esn",
     "train_exit_sequence",
-    "weights_fingerprint",
-    "write_json_atomic",
 ]
