@@ -1,7 +1,8 @@
 """The `tinysaver` command line: one subcommand per workflow step.
 
-Each subcommand lives beside the code it drives and exposes `add_parser(subparsers)`, which registers its
-arguments and sets `func` to the callable that runs it.
+Each subcommand has its own module here exposing `add_parser(subparsers)`, which registers its arguments (shared
+definitions live in `arguments.py`) and sets `func` to the callable that runs it. The library logic lives in
+`hf_tinysaver.workflows`; command modules import it, and torch and transformers, only inside their run functions.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import importlib
 import os
 import sys
 
-# Modules that each register one or more subcommands through `add_parser(subparsers)`.
+# Modules that each register one subcommand through `add_parser(subparsers)`, in the order `--help` lists them.
 COMMAND_MODULES = [
     "hf_tinysaver.commands.zoo",
     "hf_tinysaver.commands.push",
-    "hf_tinysaver.commands.cascade",
-    "hf_tinysaver.workflows.demo",
+    "hf_tinysaver.commands.record",
+    "hf_tinysaver.commands.calibrate",
+    "hf_tinysaver.commands.evaluate",
+    "hf_tinysaver.commands.demo",
     "hf_tinysaver.commands.search",
-    "hf_tinysaver.commands.esn",
+    "hf_tinysaver.commands.esn_train",
     "hf_tinysaver.commands.plan",
 ]
 

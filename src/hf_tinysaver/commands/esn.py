@@ -29,98 +29,6 @@ from ..workflows.esn import (
     search_exit_thresholds,
     train_exit_sequence,
 )
-from .cascade import MAX_DROP_TYPE
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "esn-train",
-        help="Train, calibrate and save an Exit Sequence Network (multi-exit TinySaver).",
-        description=(
-            "Trains the ESN of a TinySaver cascade on cached features of the frozen saver and base, picks one "
-            "threshold per exit on the calibration split for an allowed accuracy drop, reports held-out numbers "
-            "and saves the model (remote code included)."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    models = parser.add_argument_group("models")
-    models.add_argument("--saver", required=True, help="Saver: a saved model folder, a Hub id or a zoo name.")
-    models.add_argument("--base", required=True, help="Base: a saved model folder, a Hub id or a zoo name.")
-    models.add_argument(
-        "--exit-stages",
-        default=None,
-        help="Comma-separated base stages (module paths) followed by an exit; default: every stage but the last.",
-    )
-    models.add_argument("--confidence", default="max_prob", choices=("max_prob", "margin", "entropy"))
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help="A local dataset folder, a Hub dataset id or a zoo name.")
-    data.add_argument("--train-split", default="train", help="Split the ESN is trained on.")
-    data.add_argument("--calib-split", default="test[:50%]", help="Split the thresholds are chosen on.")
-    data.add_argument(
-        "--eval-split", default="test[50%:]", help="Held-out split for the reported numbers ('' to skip)."
-    )
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--label-column", default="label")
-    data.add_argument(
-        "--shuffle-seed",
-        type=int,
-        default=None,
-        metavar="N",
-        help="Apply a fixed random permutation (seed N) to each whole named split before its slice is taken, e.g. "
-        "for data stored sorted by label; 'test[:50%%]' and 'test[50%%:]' under one seed stay disjoint.",
-    )
-    data.add_argument(
-        "--label-map",
-        default=None,
-        metavar="JSON",
-        help="Dataset class -> model class, by index or name, as JSON text or a JSON file, for a dataset whose class "
-        "names differ from the base's id2label.",
-    )
-    data.add_argument("--cache-dir", default=None, help="Feature cache (default: $TINYSAVER_CACHE/esn).")
-
-    esn = parser.add_argument_group("ESN")
-    esn.add_argument("--width", type=int, default=128, help="Token width d.")
-    esn.add_argument("--layers", type=int, default=1, help="Causal transformer blocks L.")
-    esn.add_argument("--heads", type=int, default=4, help="Attention heads per block.")
-    esn.add_argument("--mlp-ratio", type=float, default=4.0, help="Feed-forward width / token width.")
-
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=20)
-    training.add_argument("--lr", type=float, default=1e-3, help="Peak AdamW learning rate.")
-    training.add_argument("--weight-decay", type=float, default=0.05)
-    training.add_argument("-b", "--batch-size", type=int, default=256, help="Training batch size.")
-    training.add_argument("--feature-batch-size", type=int, default=256, help="Batch size of the frozen models.")
-    training.add_argument("--seed", type=int, default=0)
-
-    calibration = parser.add_argument_group("calibration and output")
-    calibration.add_argument(
-        "--max-drop",
-        type=MAX_DROP_TYPE,
-        default=0.5,
-        help="Allowed top-1 drop against the base, in percentage points.",
-    )
-    calibration.add_argument("--budget-steps", type=int, default=10, help="Grid of the drop budget split over exits.")
-    calibration.add_argument(
-        "--out",
-        default=None,
-        help="Folder to save the calibrated model to (written beside and swapped in when complete; checked before "
-        "training). An existing folder is replaced only when it holds nothing but an earlier ESN, or with --overwrite.",
-    )
-    calibration.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
-    )
-    calibration.add_argument(
-        "--allow-no-savings",
-        action="store_true",
-        help="Keep thresholds that cost as much as the base alone or more (an error else).",
-    )
-    calibration.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the model there.")
-    calibration.add_argument("--results-file", default=None, help="Write the results as JSON to this file.")
-    calibration.add_argument("--quiet", action="store_true", help="No progress output.")
-    parser.set_defaults(func=run)
 
 
 def load_split(dataset: str, split: str, shuffle_seed: int | None = None):
@@ -332,4 +240,4 @@ def calibrate_and_evaluate(
     return results
 
 
-__all__ = ["add_parser", "calibrate_and_evaluate", "load_split", "run"]
+__all__ = ["calibrate_and_evaluate", "load_split", "run"]
