@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinysaver",
         description="TinySaver cascades for Hugging Face image classifiers.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="Print the installed hf_tinysaver version and exit.")
     parser.add_argument(
         "--debug",
         action="store_true",
@@ -41,6 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
     return parser
+
+
+def installed_version() -> str:
+    """The installed distribution's version, or the source's `TINYSAVER_VERSION` where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hf_tinysaver")
+    except PackageNotFoundError:
+        from ..models.configuration_tinysaver import TINYSAVER_VERSION
+
+        return TINYSAVER_VERSION
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: like argparse's `version` action, but the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(message=f"{parser.prog} {installed_version()}\n")
 
 
 def _env_flag(name: str) -> bool:

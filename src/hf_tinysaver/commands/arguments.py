@@ -122,9 +122,9 @@ def add_batch_size_argument(parser, default: int = 64, help: str = "Images per f
 
 
 def add_saver_and_base_arguments(parser) -> None:
-    """`--saver/-s` and `--base/-B`."""
+    """`--saver/-s` and `--base` (which has no short flag: `-b` is the batch size)."""
     parser.add_argument("--saver", "-s", required=True, help=MODEL_HELP)
-    parser.add_argument("--base", "-B", required=True, help=MODEL_HELP)
+    parser.add_argument("--base", required=True, help=MODEL_HELP)
 
 
 def add_confidence_argument(parser, help: str | None = None) -> None:

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import MAX_DROP_TYPE
+from .arguments import (
+    MAX_DROP_TYPE,
+    add_batch_size_argument,
+    add_confidence_argument,
+    add_saver_and_base_arguments,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,14 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     models = parser.add_argument_group("models")
-    models.add_argument("--saver", required=True, help="Saver: a saved model folder, a Hub id or a zoo name.")
-    models.add_argument("--base", required=True, help="Base: a saved model folder, a Hub id or a zoo name.")
+    add_saver_and_base_arguments(models)
     models.add_argument(
         "--exit-stages",
         default=None,
         help="Comma-separated base stages (module paths) followed by an exit; default: every stage but the last.",
     )
-    models.add_argument("--confidence", default="max_prob", choices=("max_prob", "margin", "entropy"))
+    add_confidence_argument(models)
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="A local dataset folder, a Hub dataset id or a zoo name.")
@@ -73,8 +77,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--epochs", type=int, default=20)
     training.add_argument("--lr", type=float, default=1e-3, help="Peak AdamW learning rate.")
     training.add_argument("--weight-decay", type=float, default=0.05)
-    training.add_argument("-b", "--batch-size", type=int, default=256, help="Training batch size.")
-    training.add_argument("--feature-batch-size", type=int, default=256, help="Batch size of the frozen models.")
+    training.add_argument("--train-batch-size", type=int, default=256, help="Training batch size of the ESN.")
+    add_batch_size_argument(training, default=256, help="Images per forward pass of the frozen saver and base.")
+    # The flag's name before -b/--batch-size took the meaning it has in every other command (kept for one release).
+    training.add_argument(
+        "--feature-batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     training.add_argument("--seed", type=int, default=0)
 
     calibration = parser.add_argument_group("calibration and output")

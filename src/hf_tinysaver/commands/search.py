@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
             "allowed drop (--max-drop), with the paper's delta C beside."
         ),
     )
-    parser.add_argument("--base", "-B", required=True, help=MODEL_HELP)
+    parser.add_argument("--base", required=True, help=MODEL_HELP)
     parser.add_argument(
         "--candidates", "-c", nargs="+", required=True, help="Candidate savers: zoo names, folders or Hub ids."
     )

@@ -136,7 +136,7 @@ def run_demo(
         f"  relative MACs    {evaluation['relative_macs']:.3f} of the base's\n"
         f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads, "
         f"{timing['streamed_speedup']:.2f}x streamed (MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
-        f"  cascade          {out / 'cascade'} (push with: tinysaver push {out / 'cascade'} <user>/<repo>)\n"
+        f"  cascade          {out / 'cascade'} (push with: tinysaver push <user>/<repo> {out / 'cascade'})\n"
         f"  plots            {out / 'search.png'}, {out / 'cascade' / 'tradeoff.png'}\n"
         f"  results          {out / 'search.json'}, {out / 'demo.json'}\n"
         f"  took             {report['seconds']:.0f} s"
