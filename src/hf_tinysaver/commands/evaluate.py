@@ -25,6 +25,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from transformers import AutoModelForImageClassification
 
+    from .. import models  # noqa: F401  (registers the library's model types with the Auto classes)
     from ..records import distributed_state
     from ..workflows.cascade import evaluate_cascade, write_json_atomic
 
