@@ -55,11 +55,11 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-# The remote-code files `save_pretrained` copies into a cascade folder (flat modules of this package).
+# The remote-code files `save_pretrained` copies into a cascade folder (the flat modules of hf_tinysaver/models).
 _REMOTE_CODE_NAMES = sorted(
     path.name
     for pattern in ("configuration_*.py", "modeling_*.py", "image_processing_*.py", "confidence.py")
-    for path in _PACKAGE_DIR.glob(pattern)
+    for path in (_PACKAGE_DIR / "models").glob(pattern)
 )
 _MODEL_FILE_PATTERNS = (
     "config.json",
