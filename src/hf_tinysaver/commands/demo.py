@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..workflows.demo import DEMO_TASKS  # standard library only: building the parser stays light
+from .arguments import MAX_DROP_TYPE, add_batch_size_argument
 
 
 def add_parser(subparsers) -> None:
@@ -13,8 +14,8 @@ def add_parser(subparsers) -> None:
         "demo", help="Search, calibrate, evaluate, save and serve a cascade on the offline zoo, end to end."
     )
     parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="cifar10", help="cifar10 (default) or imagenet.")
-    parser.add_argument("--max-drop", type=float, default=0.5, help="Allowed top-1 drop in points.")
-    parser.add_argument("--batch-size", "-b", type=int, default=64)
+    parser.add_argument("--max-drop", type=MAX_DROP_TYPE, default=0.5, help="Allowed top-1 drop in points.")
+    add_batch_size_argument(parser)
     parser.add_argument(
         "--limit",
         type=int,
