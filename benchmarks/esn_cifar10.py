@@ -78,7 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("-b", "--batch-size", type=int, default=256)
+    parser.add_argument("--train-batch-size", type=int, default=256, help="Training batch size of the ESN.")
+    parser.add_argument(
+        "-b", "--batch-size", type=int, default=256, help="Images per forward pass of the frozen saver and base."
+    )
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the ESN is small; 1 is polite).")
@@ -113,7 +116,9 @@ def main(argv=None) -> int:
     features = {}
     for role, split in (("train", args.train_split), ("calib", args.calib_split), ("eval", args.eval_split)):
         split_started = time.perf_counter()
-        features[role] = cached_exit_features(probe, load_cifar10(split), cache_dir=args.cache_dir, progress=True)
+        features[role] = cached_exit_features(
+            probe, load_cifar10(split), cache_dir=args.cache_dir, batch_size=args.batch_size, progress=True
+        )
         print(f"{role} features ({split}, {len(features[role])} images): {time.perf_counter() - split_started:.0f} s")
     features_seconds = time.perf_counter() - started
 
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
             epochs=args.epochs,
             learning_rate=args.lr,
             weight_decay=args.weight_decay,
-            batch_size=args.batch_size,
+            batch_size=args.train_batch_size,
             seed=args.seed,
         )
         train_seconds = time.perf_counter() - train_started
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
             "epochs": args.epochs,
             "lr": args.lr,
             "weight_decay": args.weight_decay,
-            "batch_size": args.batch_size,
+            "batch_size": args.train_batch_size,
             "heads": args.heads,
             "seed": args.seed,
             "optimizer": "AdamW, cosine schedule, 5 % warm-up",

@@ -78,7 +78,7 @@ def load_cascade(args):
     `cascade.base`, so both always run with the same optimisations."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    import hf_tinysaver  # noqa: F401  (registers the Auto classes)
+    import hf_tinysaver.models  # noqa: F401  (registers the Auto classes)
 
     cascade = AutoModelForImageClassification.from_pretrained(args.model)
     cascade.optimize_for_inference(

@@ -25,7 +25,7 @@ CASES = {
         "neither a zoo name",
     ),
     "calibrate-missing-target": (
-        ["calibrate", "-s", "cifar10-resnet20", "-B", "cifar10-resnet56", "-d", "cifar10", "--split", "test[:8]"]
+        ["calibrate", "-s", "cifar10-resnet20", "--base", "cifar10-resnet56", "-d", "cifar10", "--split", "test[:8]"]
         + ["--objective", "exit-rate", "-o", "{tmp}/out"],
         "--exit-rate",
     ),
@@ -38,7 +38,7 @@ CASES = {
         "neither a saved cascade folder nor a Hub id",
     ),
     "search-unknown-base": (
-        ["search", "-B", "efficientnet-lite9", "-c", "cifar10-resnet20", "-d", "cifar10", "--split", "test[:8]"]
+        ["search", "--base", "efficientnet-lite9", "-c", "cifar10-resnet20", "-d", "cifar10", "--split", "test[:8]"]
         + ["--results-file", "{tmp}/search.json"],
         "efficientnet-lite",
     ),
@@ -47,7 +47,7 @@ CASES = {
         "zoo",
     ),
     "zoo-export-unknown": (["zoo", "export", "resnet20", "{tmp}/export"], "Unknown zoo model"),
-    "push-missing-folder": (["push", "{tmp}/never-saved", "someone/cascade"], "never-saved"),
+    "push-missing-folder": (["push", "someone/cascade", "{tmp}/never-saved"], "never-saved"),
     "demo-missing-assets": (["demo", "--assets", "{tmp}/no-assets", "-o", "{tmp}/demo"], "--assets"),
 }
 

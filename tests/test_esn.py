@@ -714,9 +714,10 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
     out_dir, results_file = tmp_path / "esn", tmp_path / "results" / "esn.json"
     exit_code = main(
         ["esn-train", "--saver", str(saver_dir), "--base", str(base_dir), "--dataset", str(tiny_dataset_dir)]
-        + ["--width", "16", "--layers", "1", "--heads", "2", "--epochs", "2", "-b", "16", "--max-drop", "10"]
+        + ["--width", "16", "--layers", "1", "--heads", "2", "--epochs", "2", "--train-batch-size", "16"]
+        + ["--max-drop", "10"]
         + ["--out", str(out_dir), "--results-file", str(results_file), "--cache-dir", str(tmp_path / "cache")]
-        + ["--quiet"]
+        + ["--no-progress"]
     )
     assert exit_code == 0
     results = json.loads(results_file.read_text())

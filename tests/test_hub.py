@@ -295,7 +295,7 @@ def run_cli(argv: list[str]) -> int:
 
 def test_cli_push_and_card_only(fake_hub, hub_env, pushed, capsys, monkeypatch, tmp_path):
     folder = str(pushed["folder"])
-    assert run_cli(["push", folder, "tester/cli-cascade", "--private", "-m", "Upload from the CLI"]) == 0
+    assert run_cli(["push", "tester/cli-cascade", folder, "--private", "--commit-message", "Upload from the CLI"]) == 0
     history = fake_hub.commits("tester/cli-cascade")
     assert history[0].title == "Upload from the CLI" and fake_hub.repo("tester/cli-cascade").private
     assert capsys.readouterr().out.strip() == history[0].oid.join(
@@ -308,13 +308,13 @@ def test_cli_push_and_card_only(fake_hub, hub_env, pushed, capsys, monkeypatch, 
     config = json.loads((edited / "config.json").read_text())
     config["calibration"]["accuracy"] = 0.6
     (edited / "config.json").write_text(json.dumps(config))
-    assert run_cli(["push", str(edited), "tester/cli-cascade", "--card-only"]) == 0
+    assert run_cli(["push", "tester/cli-cascade", str(edited), "--card-only"]) == 0
     latest = fake_hub.commits("tester/cli-cascade")[0]
     assert latest.title == "Update model card" and [path for _, path in latest.operations] == ["README.md"]
     assert "| Accuracy of the cascade | 60.00 % |" in fake_hub.file_bytes("tester/cli-cascade", "README.md").decode()
 
     monkeypatch.delenv("HF_TOKEN")
-    assert run_cli(["push", folder, "tester/cli-cascade"]) == 2
+    assert run_cli(["push", "tester/cli-cascade", folder]) == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert error.startswith("tinysaver: error: ") and "hf auth login" in error
 

@@ -330,7 +330,7 @@ def test_objective_parameters_must_be_finite_and_in_range(objective, parameters,
 )
 def test_cli_refuses_non_finite_and_out_of_range_objective_parameters(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["calibrate", "-s", "cifar10-resnet20", "-B", "cifar10-resnet56", "-d", "cifar10", "--split", "test"]
+        main(["calibrate", "-s", "cifar10-resnet20", "--base", "cifar10-resnet56", "-d", "cifar10", "--split", "test"]
              + ["--out", "unused"] + arguments)  # fmt: skip
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
@@ -347,7 +347,7 @@ def test_cli_evaluate_refuses_invalid_thresholds(value, tiny_cascade_dir, capsys
 
 def test_search_and_esn_cli_refuse_non_finite_drops(capsys):
     for arguments in (
-        ["search", "-B", "cifar10-resnet56", "-c", "cifar10-resnet20", "-d", "cifar10", "--split", "test"]
+        ["search", "--base", "cifar10-resnet56", "-c", "cifar10-resnet20", "-d", "cifar10", "--split", "test"]
         + ["--max-drops", "0.5", "nan"],
         ["esn-train", "--saver", "cifar10-resnet20", "--base", "cifar10-resnet56", "--max-drop", "inf"],
     ):

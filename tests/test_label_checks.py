@@ -351,9 +351,9 @@ def test_esn_train_takes_shuffle_seed_and_label_map(folders, tmp_path, capsys):
         return tinysaver(
             ["esn-train", "--saver", models["saver"], "--base", models["base"], "--dataset", dataset,
              "--train-split", "test[:50%]", "--calib-split", "test[50%:75%]", "--eval-split", "test[75%:]",
-             "--shuffle-seed", "0", "--width", "16", "--layers", "1", "--heads", "2", "--epochs", "1", "-b", "32",
+             "--shuffle-seed", "0", "--width", "16", "--layers", "1", "--heads", "2", "--epochs", "1", "--train-batch-size", "32",
              "--max-drop", "10", "--cache-dir", str(tmp_path / "cache"), "--results-file",
-             str(tmp_path / f"{name}.json"), "--quiet", *extra]
+             str(tmp_path / f"{name}.json"), "--no-progress", *extra]
         )  # fmt: skip
 
     assert esn_train(folders["renamed"], "refused") == 2

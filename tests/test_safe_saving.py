@@ -40,7 +40,17 @@ CIFAR = requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
 
 
 def calibrate_argv(out: Path, cache: Path, which: list[str], *extra: str) -> list[str]:
-    data = ["-B", "cifar10-resnet56", "-d", "cifar10", "--split", SPLIT, "--cache-dir", str(cache), "--no-progress"]
+    data = [
+        "--base",
+        "cifar10-resnet56",
+        "-d",
+        "cifar10",
+        "--split",
+        SPLIT,
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+    ]
     return ["calibrate", *which, *data, "--out", str(out), *extra]
 
 
@@ -486,7 +496,7 @@ def test_push_refuses_paths_that_leave_the_folder(kind, fake_hub, hub_env, saved
 def test_cli_push_refuses_an_outside_plot(fake_hub, hub_env, saved_cascade, tmp_path, capsys):
     secret, secret_sha = secret_file(tmp_path)
     folder = with_plot(saved_cascade, tmp_path / "cascade", str(secret))
-    assert main(["push", str(folder), "tester/leak-cli"]) == 2
+    assert main(["push", "tester/leak-cli", str(folder)]) == 2
     error = capsys.readouterr().err
     assert "outside the folder" in error and str(secret) in error
     assert secret_sha not in fake_hub.lfs_uploads

@@ -285,7 +285,7 @@ def test_cli_search_writes_ranked_results_plot_and_the_winning_cascade(tiny_pool
     table = tmp_path / "table.csv"
     table.write_text(f"name,macs\n{folders['convnext']},31165440\n")
     results = tmp_path / "results" / "search.json"
-    arguments = ["search", "-B", folders["base"], "-c", folders["efficientnet"], folders["convnext"]]
+    arguments = ["search", "--base", folders["base"], "-c", folders["efficientnet"], folders["convnext"]]
     arguments += ["-d", data, "--split", "test", "-b", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     # Random tiny models are ~10 % accurate: a 50-point allowance lets every image exit, so a winner exists.
     arguments += ["--max-drop", "50", "--candidate-table", str(table), "--results-file", str(results)]
@@ -313,7 +313,7 @@ def test_cli_search_writes_ranked_results_plot_and_the_winning_cascade(tiny_pool
     assert (tmp_path / "winner" / "tradeoff.png").read_bytes()[:8] == PNG_SIGNATURE
 
     # Only candidates that are not cheaper than the base: nothing is ranked, --out saves nothing and says why.
-    only_base = ["search", "-B", folders["base"], "-c", folders["base"], "-d", data, "--split", "test"]
+    only_base = ["search", "--base", folders["base"], "-c", folders["base"], "-d", data, "--split", "test"]
     only_base += ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--results-file", str(results)]
     assert cli_main([*only_base, "--out", str(tmp_path / "none")]) == 1
     assert "no cascade saved" in capsys.readouterr().err
@@ -362,7 +362,15 @@ def test_two_processes_search_like_one(tiny_pool, tmp_path):
 def test_real_cifar_search_cli(shared_dir, tmp_path, capsys):
     cache_dir = REPO_ROOT / ".cache" / "records"  # git-ignored; a second run only scores
     results = tmp_path / "search.json"
-    arguments = ["search", "-B", "cifar10-resnet56", "-c", "cifar10-resnet20", "cifar10-resnet32", "cifar10-resnet56"]
+    arguments = [
+        "search",
+        "--base",
+        "cifar10-resnet56",
+        "-c",
+        "cifar10-resnet20",
+        "cifar10-resnet32",
+        "cifar10-resnet56",
+    ]
     arguments += ["-d", "cifar10", "--split", "test[:1000]", "-b", "250", "--assets", str(shared_dir)]
     arguments += ["--cache-dir", str(cache_dir), "--no-progress", "--results-file", str(results)]
     assert cli_main([*arguments, "--out", str(tmp_path / "winner")]) == 0

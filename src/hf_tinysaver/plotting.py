@@ -45,12 +45,11 @@ def plot_tradeoff(
     Returns:
         The written path.
     """
-    import matplotlib
+    # A bare `Figure` draws with its own canvas: no pyplot, no global backend switch, nothing left open.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.subplots()
     all_macs, all_accuracy = [], []
     for name, curve in curves.items():
         if curve.accuracy is None:
@@ -95,11 +94,7 @@ def plot_tradeoff(
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
 
-    try:
-        path = write_file_atomic(path, lambda file: figure.savefig(file, format="png"))
-    finally:
-        plt.close(figure)
-    return path
+    return write_file_atomic(path, lambda file: figure.savefig(file, format="png"))
 
 
 __all__ = ["pareto_frontier", "plot_tradeoff"]

@@ -654,7 +654,7 @@ def _record_key(
 ) -> Records:
     """The rest of [`record`], with the key chosen (and, on the main process, locked)."""
     from accelerate.utils import broadcast_object_list, gather_object
-    from tqdm.auto import tqdm
+    from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
     cached_records, pending = None, None
     if state.is_main_process and use_cache and (cache_root / f"{key}.npz").exists():

@@ -41,7 +41,7 @@ from .certification import (
 )
 
 # `x as x` re-exports plan_calibration_size and number_rule for callers that still import them from here
-# (workflows.cascade, commands.cascade); their homes are certification and checks.
+# (workflows.cascade); their homes are certification and checks.
 from .certification import plan_calibration_size as plan_calibration_size
 from .checks import check_confidence_level, check_number
 from .checks import number_rule as number_rule

@@ -1,7 +1,8 @@
 """The `tinysaver` command line: one subcommand per workflow step.
 
-Each subcommand lives beside the code it drives and exposes `add_parser(subparsers)`, which registers its
-arguments and sets `func` to the callable that runs it.
+Each subcommand has its own module here exposing `add_parser(subparsers)`, which registers its arguments (shared
+definitions live in `arguments.py`) and sets `func` to the callable that runs it. The library logic lives in
+`hf_tinysaver.workflows`; command modules import it, and torch and transformers, only inside their run functions.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import importlib
 import os
 import sys
 
-# Modules that each register one or more subcommands through `add_parser(subparsers)`.
+# Modules that each register one subcommand through `add_parser(subparsers)`, in the order `--help` lists them.
 COMMAND_MODULES = [
     "hf_tinysaver.commands.zoo",
     "hf_tinysaver.commands.push",
-    "hf_tinysaver.commands.cascade",
-    "hf_tinysaver.workflows.demo",
+    "hf_tinysaver.commands.record",
+    "hf_tinysaver.commands.calibrate",
+    "hf_tinysaver.commands.evaluate",
+    "hf_tinysaver.commands.demo",
     "hf_tinysaver.commands.search",
-    "hf_tinysaver.commands.esn",
+    "hf_tinysaver.commands.esn_train",
     "hf_tinysaver.commands.plan",
 ]
 
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinysaver",
         description="TinySaver cascades for Hugging Face image classifiers.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="Print the installed hf_tinysaver version and exit.")
     parser.add_argument(
         "--debug",
         action="store_true",
@@ -38,6 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
     return parser
+
+
+def installed_version() -> str:
+    """The installed distribution's version, or the source's `TINYSAVER_VERSION` where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hf_tinysaver")
+    except PackageNotFoundError:
+        from ..models.configuration_tinysaver import TINYSAVER_VERSION
+
+        return TINYSAVER_VERSION
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: like argparse's `version` action, but the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {installed_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def _env_flag(name: str) -> bool:
@@ -76,7 +103,7 @@ def one_line(error: BaseException) -> str:
 
 
 def disable_progress_bars() -> None:
-    """`--no-progress` / `--quiet`: silences the bars of transformers (weight loading) and huggingface_hub too."""
+    """`--no-progress`: silences the bars of transformers (weight loading) and huggingface_hub too."""
     from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
     from transformers.utils import logging as transformers_logging
 
@@ -93,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "progress", True) is False or getattr(args, "quiet", False):
+    if getattr(args, "progress", True) is False:
         disable_progress_bars()
     if args.debug:
         return int(args.func(args) or 0)

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import argparse
 
+from .arguments import (
+    CONFIDENCE_LEVEL_TYPE,
+    FRACTION_TYPE,
+    MAX_DROP_TYPE,
+    add_confidence_argument,
+    add_data_arguments,
+    add_saver_and_base_arguments,
+    data_options,
+    number_type,
+)
+
 
 def add_parser(subparsers) -> None:
-    from .cascade import CONFIDENCE_LEVEL_TYPE, FRACTION_TYPE, MAX_DROP_TYPE, _add_data_arguments, number_type
-
     power_type = number_type(0.0, 1.0, low_open=True, high_open=True, meaning="share of calibration sets, e.g. 0.8")
 
     parser = subparsers.add_parser(
         "plan",
         help="Plan the calibration size: how many images a certificate needs to let the pilot's share exit.",
     )
-    parser.add_argument("--saver", "-s", required=True, help="Zoo name, local model folder or Hub id.")
-    parser.add_argument("--base", "-B", required=True, help="Zoo name, local model folder or Hub id.")
-    _add_data_arguments(parser)
+    add_saver_and_base_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--max-drop", type=MAX_DROP_TYPE, default=0.5, help="Target top-1 drop in points.")
     parser.add_argument(
         "--confidence-level", type=CONFIDENCE_LEVEL_TYPE, default=0.95, help="Level of the certificate."
@@ -31,7 +39,7 @@ def add_parser(subparsers) -> None:
         "--certificate", default="discordant-binomial", choices=["discordant-binomial", "cp-difference"]
     )
     parser.add_argument("--power", type=power_type, default=0.8, help="Share of calibration sets that should pass.")
-    parser.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    add_confidence_argument(parser)
     parser.add_argument("--results-file", default=None, help="Write the plan as JSON here.")
     parser.set_defaults(func=run_plan)
 
@@ -40,7 +48,6 @@ def run_plan(args: argparse.Namespace) -> int:
     from ..calibration.certification import default_target_exit_rate, plan_calibration_size
     from ..records import distributed_state
     from ..workflows.cascade import build_cascade, record_sub_models, simulation_for, write_json_atomic
-    from .cascade import data_options
 
     cascade = build_cascade(args.saver, args.base, assets=args.assets, confidence=args.confidence)
     saver_records, base_records = record_sub_models(cascade, args.dataset, args.split, **data_options(args))
@@ -86,3 +93,6 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.results_file:
             write_json_atomic(args.results_file, plan)
     return 0
+
+
+__all__ = ["add_parser", "run_plan"]

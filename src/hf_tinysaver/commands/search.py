@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cascade import CONFIDENCE_LEVEL_TYPE, MAX_DROP_TYPE, _add_data_arguments, data_options
+from .arguments import (
+    CONFIDENCE_LEVEL_TYPE,
+    MAX_DROP_TYPE,
+    MODEL_HELP,
+    add_confidence_argument,
+    add_data_arguments,
+    data_options,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -19,11 +26,11 @@ def add_parser(subparsers) -> None:
             "allowed drop (--max-drop), with the paper's delta C beside."
         ),
     )
-    parser.add_argument("--base", "-B", required=True, help="Zoo name, local model folder or Hub id.")
+    parser.add_argument("--base", required=True, help=MODEL_HELP)
     parser.add_argument(
         "--candidates", "-c", nargs="+", required=True, help="Candidate savers: zoo names, folders or Hub ids."
     )
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument(
         "--max-drop",
         type=MAX_DROP_TYPE,
@@ -43,9 +50,7 @@ def add_parser(subparsers) -> None:
         default=None,
         help="Score with max-drop's certificate at this level (the default of calibrate --confidence-level).",
     )
-    parser.add_argument(
-        "--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"], help="Saver confidence metric."
-    )
+    add_confidence_argument(parser, help="Saver confidence metric.")
     parser.add_argument(
         "--prescreen",
         action="store_true",
@@ -124,3 +129,6 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"Calibrated {result.winner.name} -> {result.base} (max-drop {args.max_drop}): {calibration.describe()}")
         print(f"Saved the winning cascade to {args.out} (calibration.json, tradeoff.csv, tradeoff.png)")
     return 0
+
+
+__all__ = ["add_parser", "run_search"]

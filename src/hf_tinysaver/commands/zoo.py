@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..zoo.assets import ASSETS_ENV
-
 
 def add_parser(subparsers) -> None:
     """Registers the `zoo` command and its `list` and `export` subcommands."""
@@ -38,7 +36,7 @@ def add_parser(subparsers) -> None:
         "-a",
         metavar="DIR",
         default=None,
-        help=f"folder holding models/ and datasets/ (default: ${ASSETS_ENV}, else ../shared)",
+        help="folder holding models/ and datasets/ (default: $TINYSAVER_ASSETS, else ../shared)",
     )
     export_parser.set_defaults(func=run_export)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import logging
 import os
 import platform
 from collections import OrderedDict, deque
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
 from .configuration_tinysaver import TinySaverConfig, validate_threshold
@@ -34,7 +35,7 @@ from .image_processing_tinysaver import (
 )
 from .modeling_cifar_resnet import CifarResNetForImageClassification
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 # Sub-model classes defined by this library, built directly so that remote code needs no Auto registration.
 LOCAL_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"cifar_resnet": CifarResNetForImageClassification}

@@ -432,7 +432,7 @@ def evaluate_cascade(
         MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split), `images_per_second` (cascade forward passes), `n`, `threshold` and the simulated figures.
     """
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
+    from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
     config = cascade.config
     if not config.saver_macs or not config.base_macs:

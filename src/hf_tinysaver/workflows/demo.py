@@ -7,7 +7,6 @@ pipeline and classify a few images.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import time
@@ -70,69 +69,66 @@ def missing_assets(task: dict, assets: str | os.PathLike | None) -> list[str]:
     return missing
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="Search, calibrate, evaluate, save and serve a cascade on the offline zoo, end to end."
-    )
-    parser.add_argument("--task", choices=sorted(DEMO_TASKS), default="cifar10", help="cifar10 (default) or imagenet.")
-    parser.add_argument("--max-drop", type=float, default=0.5, help="Allowed top-1 drop in points.")
-    parser.add_argument("--batch-size", "-b", type=int, default=64)
-    parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="Calibrate on the first N and evaluate on the last N images only (quick runs).",
-    )
-    parser.add_argument(
-        "--out",
-        "-o",
-        default="tinysaver-demo",
-        help="Folder for the cascade, plots and results. It is written beside and swapped in when the demo "
-        "completes, so an interrupted run leaves the previous output intact. An existing folder is replaced only "
-        "when it holds nothing but an earlier demo output, or with --overwrite.",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
-    )
-    parser.add_argument(
-        "--assets",
-        default=None,
-        help="Folder with models/ and datasets/ (default: $TINYSAVER_ASSETS, then ../shared).",
-    )
-    parser.add_argument("--cache-dir", default=None, help="Records cache (default: $TINYSAVER_CACHE or ~/.cache).")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
-    parser.set_defaults(func=run_demo)
+def run_demo(
+    task: str = "cifar10",
+    max_drop: float = 0.5,
+    batch_size: int = 64,
+    limit: int | None = None,
+    out: str | os.PathLike = "tinysaver-demo",
+    overwrite: bool = False,
+    assets: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Runs the whole demo (what `tinysaver demo` does) and prints its steps and a report.
 
+    Args:
+        task: A key of `DEMO_TASKS`: `"cifar10"` or `"imagenet"`.
+        max_drop: Allowed top-1 drop in points.
+        batch_size: Images per forward pass.
+        limit: Calibrate on the first `limit` and evaluate on the last `limit` images only (quick runs).
+        out: Folder for the cascade, plots and results, written beside and swapped in when the demo completes. An
+            existing folder is replaced only when it holds nothing but an earlier demo output, or with `overwrite`.
+        overwrite: Replace `out` as a whole even when it holds files hf_tinysaver did not write.
+        assets: Folder with models/ and datasets/ (default: $TINYSAVER_ASSETS, then ../shared).
+        cache_dir: Records cache (default: $TINYSAVER_CACHE or ~/.cache).
+        progress: Show progress bars.
 
-def run_demo(args: argparse.Namespace) -> int:
+    Returns:
+        The report also written to `out/demo.json`.
+
+    Raises:
+        FileNotFoundError: Naming every real asset the task needs that is missing.
+    """
     import torch
 
     from ..storage import atomic_folder, check_output_folder
 
-    task = dict(DEMO_TASKS[args.task])
-    if args.limit:  # the first and the last N images: still disjoint halves when N is at most half the split
-        task["calibration_split"] = f"{task['split']}[:{args.limit}]"
-        task["evaluation_split"] = f"{task['split']}[-{args.limit}:]"
-    missing = missing_assets(task, args.assets)
+    task_name = task
+    task = dict(DEMO_TASKS[task_name])
+    if limit:  # the first and the last N images: still disjoint halves when N is at most half the split
+        task["calibration_split"] = f"{task['split']}[:{limit}]"
+        task["evaluation_split"] = f"{task['split']}[-{limit}:]"
+    missing = missing_assets(task, assets)
     if missing:
         raise FileNotFoundError(
             "the demo needs these real assets, which are missing:\n  - " + "\n  - ".join(missing) + "\n"
             "Point --assets (or TINYSAVER_ASSETS) at the project's `shared` folder, which holds models/ and datasets/."
         )
-    final = check_output_folder(args.out, overwrite=args.overwrite, kind="demo")
+    final = check_output_folder(out, overwrite=overwrite, kind="demo")
     started = time.perf_counter()
-    common = {"batch_size": args.batch_size, "assets": args.assets, "cache_dir": args.cache_dir}
+    common = {"batch_size": batch_size, "assets": assets, "cache_dir": cache_dir}
 
-    with atomic_folder(final, overwrite=args.overwrite, kind="demo") as out:
-        search, cascade, evaluation, timing, report = _run_steps(args, task, out, common, started)
+    with atomic_folder(final, overwrite=overwrite, kind="demo") as folder:
+        search, cascade, evaluation, timing, report = _run_steps(
+            task_name, task, max_drop, progress, folder, common, started
+        )
     out = final
     drop = evaluation["accuracy_drop_points"]
     print(
         "\nTinySaver demo report\n"
         f"  saver chosen     {search.winner.name} (for base {task['base']})\n"
-        f"  threshold        {cascade.config.threshold:.6g} ({cascade.config.confidence}, max-drop {args.max_drop})\n"
+        f"  threshold        {cascade.config.threshold:.6g} ({cascade.config.confidence}, max-drop {max_drop})\n"
         f"  held-out images  {evaluation['n']} ({task['dataset']} {task['evaluation_split']})\n"
         f"  exit rate        {100 * evaluation['exit_rate']:.1f} % answered by the saver alone\n"
         f"  accuracy         {100 * evaluation['accuracy']:.2f} % vs base alone {100 * evaluation['base_accuracy']:.2f} %"
@@ -140,15 +136,15 @@ def run_demo(args: argparse.Namespace) -> int:
         f"  relative MACs    {evaluation['relative_macs']:.3f} of the base's\n"
         f"  measured speedup {timing['realised_speedup']:.2f}x at batch 64 on {torch.get_num_threads()} threads, "
         f"{timing['streamed_speedup']:.2f}x streamed (MACs predict {timing['mac_predicted_speedup']:.2f}x)\n"
-        f"  cascade          {out / 'cascade'} (push with: tinysaver push {out / 'cascade'} <user>/<repo>)\n"
+        f"  cascade          {out / 'cascade'} (push with: tinysaver push <user>/<repo> {out / 'cascade'})\n"
         f"  plots            {out / 'search.png'}, {out / 'cascade' / 'tradeoff.png'}\n"
         f"  results          {out / 'search.json'}, {out / 'demo.json'}\n"
         f"  took             {report['seconds']:.0f} s"
     )
-    return 0
+    return report
 
 
-def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, started: float):
+def _run_steps(task_name: str, task: dict, max_drop: float, progress: bool, out: Path, common: dict, started: float):
     """Steps 1 to 5 of the demo, writing into `out` (the temporary folder swapped in when all succeeded)."""
     from transformers import pipeline
 
@@ -165,9 +161,9 @@ def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, st
         task["candidates"],
         task["dataset"],
         task["calibration_split"],
-        primary_max_drop=args.max_drop,
-        max_drops=sorted({0.0, 0.5, 1.0, args.max_drop}),
-        progress=args.progress,
+        primary_max_drop=max_drop,
+        max_drops=sorted({0.0, 0.5, 1.0, max_drop}),
+        progress=progress,
         **common,
     )
     print(search.table())
@@ -178,16 +174,16 @@ def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, st
 
     if search.winner is None:
         raise ValueError(
-            f"No candidate makes {task['base']} cheaper at a {args.max_drop}-point drop; allow a larger --max-drop."
+            f"No candidate makes {task['base']} cheaper at a {max_drop}-point drop; allow a larger --max-drop."
         )
-    print(f"[2/5] Calibrating {search.winner.name} -> {task['base']} (max-drop {args.max_drop} points)", flush=True)
-    cascade, calibration = save_winning_cascade(search, out / "cascade", progress=args.progress, **common)
+    print(f"[2/5] Calibrating {search.winner.name} -> {task['base']} (max-drop {max_drop} points)", flush=True)
+    cascade, calibration = save_winning_cascade(search, out / "cascade", progress=progress, **common)
 
     print(f"[3/5] Evaluating the real cascade on held-out {task['evaluation_split']}", flush=True)
-    evaluation = evaluate_cascade(cascade, task["dataset"], task["evaluation_split"], progress=args.progress, **common)
+    evaluation = evaluate_cascade(cascade, task["dataset"], task["evaluation_split"], progress=progress, **common)
 
     print("[4/5] Timing the cascade against the base alone (interleaved, batch 64)", flush=True)
-    held_out = load_dataset_split(task["dataset"], task["evaluation_split"], assets=args.assets)
+    held_out = load_dataset_split(task["dataset"], task["evaluation_split"], assets=common["assets"])
     timing_images = held_out.select(range(min(512, len(held_out))))["image"]
     inputs = cascade.get_image_processor()(images=timing_images, return_tensors="pt")
     cascade.optimize_for_inference()
@@ -206,7 +202,7 @@ def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, st
               f"({prediction['score']:.2f})")  # fmt: skip
 
     report = {
-        "task": args.task,
+        "task": task_name,
         "base": task["base"],
         "saver": search.winner.name,
         "threshold": cascade.config.threshold,
@@ -229,3 +225,6 @@ def _run_steps(args: argparse.Namespace, task: dict, out: Path, common: dict, st
     }
     write_json_atomic(out / "demo.json", report)
     return search, cascade, evaluation, timing, report
+
+
+__all__ = ["DEMO_TASKS", "missing_assets", "run_demo"]

@@ -161,7 +161,7 @@ def extract_exit_features(
     labels = torch.as_tensor(dataset[label_column], dtype=torch.long)  # a column read decodes no images
     starts = range(0, len(dataset), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
         starts = tqdm(starts, desc="ESN features", unit="batch")
     device = next(model.parameters()).device

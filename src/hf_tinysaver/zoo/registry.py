@@ -260,6 +260,9 @@ def load_zoo_model(name: str, assets: str | os.PathLike | None = None):
     """
     from transformers import AutoModelForImageClassification
 
+    # Loading any hf_tinysaver.models module runs hf_tinysaver.models, which registers the zoo's model types.
+    from ..models import configuration_cifar_resnet  # noqa: F401
+
     return AutoModelForImageClassification.from_pretrained(cached_zoo_folder(name, assets)).eval()
 
 

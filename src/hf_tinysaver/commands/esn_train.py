@@ -15,9 +15,12 @@ import argparse
 import json
 import sys
 
-from ..storage import write_json_atomic
-from ..workflows.esn import train_and_calibrate_esn
-from .cascade import MAX_DROP_TYPE
+from .arguments import (
+    MAX_DROP_TYPE,
+    add_batch_size_argument,
+    add_confidence_argument,
+    add_saver_and_base_arguments,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,14 +35,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     models = parser.add_argument_group("models")
-    models.add_argument("--saver", required=True, help="Saver: a saved model folder, a Hub id or a zoo name.")
-    models.add_argument("--base", required=True, help="Base: a saved model folder, a Hub id or a zoo name.")
+    add_saver_and_base_arguments(models)
     models.add_argument(
         "--exit-stages",
         default=None,
         help="Comma-separated base stages (module paths) followed by an exit; default: every stage but the last.",
     )
-    models.add_argument("--confidence", default="max_prob", choices=("max_prob", "margin", "entropy"))
+    add_confidence_argument(models)
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="A local dataset folder, a Hub dataset id or a zoo name.")
@@ -77,8 +79,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--epochs", type=int, default=20)
     training.add_argument("--lr", type=float, default=1e-3, help="Peak AdamW learning rate.")
     training.add_argument("--weight-decay", type=float, default=0.05)
-    training.add_argument("-b", "--batch-size", type=int, default=256, help="Training batch size.")
-    training.add_argument("--feature-batch-size", type=int, default=256, help="Batch size of the frozen models.")
+    training.add_argument("--train-batch-size", type=int, default=256, help="Training batch size of the ESN.")
+    add_batch_size_argument(training, default=256, help="Images per forward pass of the frozen saver and base.")
+    # The flag's name before -b/--batch-size took the meaning it has in every other command (kept for one release).
+    training.add_argument(
+        "--feature-batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     training.add_argument("--seed", type=int, default=0)
 
     calibration = parser.add_argument_group("calibration and output")
@@ -107,12 +113,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     calibration.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the model there.")
     calibration.add_argument("--results-file", default=None, help="Write the results as JSON to this file.")
-    calibration.add_argument("--quiet", action="store_true", help="No progress output.")
-    parser.set_defaults(func=run)
+    calibration.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="Hide progress bars and step messages."
+    )
+    # The flag's name before --no-progress, which every other command uses (kept for one release).
+    calibration.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)
+    parser.set_defaults(func=run_esn_train)
 
 
-def run(args: argparse.Namespace) -> int:
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+def run_esn_train(args: argparse.Namespace) -> int:
+    # torch, the models and the ESN workflow load only when the command runs
+    from ..storage import write_json_atomic
+    from ..workflows.esn import train_and_calibrate_esn
+
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.progress else (lambda *a: None)
     _, results = train_and_calibrate_esn(
         args.saver,
         args.base,
@@ -129,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        feature_batch_size=args.feature_batch_size,
+        batch_size=args.train_batch_size,
+        feature_batch_size=args.batch_size,
         seed=args.seed,
         max_drop=args.max_drop,
         budget_steps=args.budget_steps,
@@ -143,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
-        progress=not args.quiet,
+        progress=args.progress,
         say=say,
     )
     if args.results_file:
@@ -152,4 +166,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run_esn_train"]
