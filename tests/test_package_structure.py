@@ -5,6 +5,7 @@ process that the remote-code tests load saved folders in really has no hf_tinysa
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -285,6 +286,28 @@ def test_the_shipped_models_folder_imports_only_torch_transformers_timm_numpy_st
     violations = shipped_folder_violations(package_imports)
     if violations:
         pytest.fail("the shipped models/ files must stand alone:\n" + "\n".join(violations), pytrace=False)
+
+
+def test_the_readme_tree_is_the_package_as_it_is():
+    readme = (SOURCE_ROOT.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## How it is built\n", 1)[1]
+    tree = section.split("```text\n", 1)[1].split("```", 1)[0]
+    # Entries are the names (ending in .py or /) in the first column, before the descriptions.
+    listed = {name.rstrip("/") for line in tree.splitlines()[1:] for name in re.findall(r"[\w]+(?:\.py|/)", line[:19])}
+    package = SOURCE_ROOT / PACKAGE
+    present = {path.name for path in package.iterdir() if path.name != "__pycache__"}
+    present = {
+        name.removesuffix(".py") if name.endswith(".py") and name != "__init__.py" else name for name in present
+    }
+    listed = {name.removesuffix(".py") if name != "__init__.py" else name for name in listed}
+    assert listed == present, (
+        f"README lists {sorted(listed - present)} that do not exist, misses {sorted(present - listed)}"
+    )
+    # Every shipped module is named (the configuration_/modeling_/image_processing_ families by their prefix).
+    families = ("configuration_", "modeling_", "image_processing_")
+    for module in sorted((package / "models").glob("*.py")):
+        if module.name != "__init__.py" and not module.stem.startswith(families):
+            assert module.stem in tree, f"the README's tree does not name the shipped models/{module.name}"
 
 
 def test_the_checks_find_what_they_look_for(tmp_path):
