@@ -2,9 +2,9 @@
 
 A tiny *saver* classifier answers the images it is confident about; only the others reach the large *base* model
 (Wang et al., "Tiny Models are the Computational Saver for Large Models", arXiv 2403.17726).
-"""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+Importing the library registers its model classes with the transformers Auto classes (see `hf_tinysaver.models`).
+"""
 
 from .calibration.simulation import (
     CalibrationResult,
@@ -32,26 +32,6 @@ from .models.modeling_tinysaver_esn import TinySaverESNForImageClassification, T
 from .records import Records, pair_from_records, record
 
 __version__ = TINYSAVER_VERSION
-
-# Loading without remote code once hf_tinysaver is imported...
-AutoConfig.register(TinySaverConfig.model_type, TinySaverConfig, exist_ok=True)
-AutoModelForImageClassification.register(TinySaverConfig, TinySaverForImageClassification, exist_ok=True)
-AutoImageProcessor.register(
-    TinySaverConfig, image_processor_classes={"torchvision": TinySaverImageProcessor}, exist_ok=True
-)
-AutoConfig.register(CifarResNetConfig.model_type, CifarResNetConfig, exist_ok=True)
-AutoModelForImageClassification.register(CifarResNetConfig, CifarResNetForImageClassification, exist_ok=True)
-AutoConfig.register(TinySaverESNConfig.model_type, TinySaverESNConfig, exist_ok=True)
-AutoModelForImageClassification.register(TinySaverESNConfig, TinySaverESNForImageClassification, exist_ok=True)
-AutoImageProcessor.register(TinySaverESNConfig, TinySaverImageProcessor, exist_ok=True)
-# ...and with it (`trust_remote_code=True`) where it is not installed: saved folders carry `auto_map` and the code.
-TinySaverConfig.register_for_auto_class()
-TinySaverForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-TinySaverImageProcessor.register_for_auto_class("AutoImageProcessor")
-CifarResNetConfig.register_for_auto_class()
-CifarResNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-TinySaverESNConfig.register_for_auto_class()
-TinySaverESNForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "CIFAR10_LABELS",

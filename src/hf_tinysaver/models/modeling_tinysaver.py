@@ -16,7 +16,7 @@ import platform
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from .image_processing_tinysaver import (
     preprocessing_from_image_processor,
     preprocessing_from_timm,
 )
+from .mac_counting import count_macs
 from .modeling_cifar_resnet import CifarResNetForImageClassification
 
 logger = logging.get_logger(__name__)
@@ -161,6 +162,13 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
     ```
     """
 
+    # Hooks the installed library fills in (`hf_tinysaver.models`); a class loaded as remote code keeps `None`, so the
+    # shipped files never reach back into hf_tinysaver and behave alike whether or not it is installed.
+    hub_publisher: ClassVar[Callable[..., Any] | None] = None
+    """`hub_publisher(model, repo_id, **kwargs)` replaces the plain `push_to_hub` upload when set."""
+    model_resolver: ClassVar[Callable[[str], PreTrainedModel | None] | None] = None
+    """`model_resolver(name)` turns a name the library knows (a zoo name) into a model, or returns `None`."""
+
     def __init__(
         self, config: TinySaverConfig, saver: PreTrainedModel | None = None, base: PreTrainedModel | None = None
     ):
@@ -202,8 +210,9 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         Args:
             saver (`PreTrainedModel`, `str` or `os.PathLike`):
                 The tiny model: an image-classification model instance, a local `save_pretrained` folder, a Hub id
-                (timm ids such as `timm/mobilenetv3_small_100.lamb_in1k` load through TimmWrapper) or a zoo name
-                (`hf_tinysaver.zoo`).
+                (timm ids such as `timm/mobilenetv3_small_100.lamb_in1k` load through TimmWrapper) or a name that
+                [`~TinySaverForImageClassification.model_resolver`] knows (zoo names, `hf_tinysaver.zoo`, when the
+                library is installed).
             base (`PreTrainedModel`, `str` or `os.PathLike`):
                 The large model, in any of the same forms.
             threshold (`float`, *optional*, defaults to 1.0):
@@ -230,7 +239,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             [`TinySaverForImageClassification`]: The cascade, in eval mode when both sub-models were.
         """
         saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
-            saver, base, saver_preprocessing, base_preprocessing
+            saver, base, saver_preprocessing, base_preprocessing, resolver=cls.model_resolver
         )
         if saver_macs is None:
             saver_macs = find_macs(saver_model, saver_preprocessing)
@@ -343,13 +352,29 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         if self.config.saver_preprocessing is not None and (kwargs.get("is_main_process", True)):
             self.get_image_processor().save_pretrained(save_directory)
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Uploads the cascade, its processor and remote code with a generated model card (`hf_tinysaver.hub.push`)."""
-        try:
-            from hf_tinysaver.hub.push import push_cascade
-        except ImportError:  # loaded as remote code where hf_tinysaver is not installed: the standard upload
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        r"""
+        Uploads the cascade, its processor and remote code to the Hub.
+
+        With hf_tinysaver installed, [`~TinySaverForImageClassification.hub_publisher`] is
+        `hf_tinysaver.hub.push.push_cascade`, which also generates the model card and the calibration's trade-off plot
+        (see its docstring for the keyword arguments). A cascade loaded through remote code alone
+        (`trust_remote_code=True`, whether or not hf_tinysaver is installed) has no publisher and falls back to
+        transformers' plain `PreTrainedModel.push_to_hub`: no generated card, no plot.
+
+        Args:
+            repo_id (`str`):
+                The repo to push to, `namespace/name`.
+            kwargs:
+                Passed on to the publisher (or to `PreTrainedModel.push_to_hub`).
+
+        Returns:
+            What the publisher returns (a `CommitInfo` for both).
+        """
+        publisher = type(self).hub_publisher
+        if publisher is None:
             return super().push_to_hub(repo_id, **kwargs)
-        return push_cascade(self, repo_id, **kwargs)
+        return publisher(self, repo_id, **kwargs)
 
     def optimize_for_inference(
         self, channels_last: bool = True, fold_batch_norm: bool = True, retain_memory: bool = True
@@ -889,8 +914,20 @@ def retain_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     return bool(mmap_threshold_set and trim_threshold_set)
 
 
-def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> PreTrainedModel:
-    """Returns an image classifier given as an instance, a local folder, a Hub id or a zoo name."""
+def load_classifier(
+    model: PreTrainedModel | nn.Module | str | os.PathLike,
+    resolver: Callable[[str], PreTrainedModel | None] | None = None,
+) -> PreTrainedModel:
+    """Returns an image classifier given as an instance, a local folder, a Hub id or a name `resolver` knows.
+
+    Args:
+        model: The classifier, a timm `nn.Module`, a local `save_pretrained` folder or a Hub id.
+        resolver: Tried first on names that are not local folders (for example zoo names); returns `None` for
+            names it does not know.
+
+    Returns:
+        The `PreTrainedModel`.
+    """
     if isinstance(model, PreTrainedModel):
         return model
     if isinstance(model, nn.Module):
@@ -898,13 +935,10 @@ def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> P
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"Expected a model instance, a folder or a Hub id, got {type(model).__name__}.")
     name = str(model)
-    if not os.path.isdir(name):
-        try:
-            from hf_tinysaver.zoo import ZOO, load_zoo_model
-        except ImportError:
-            ZOO = {}
-        if name in ZOO:
-            return load_zoo_model(name)
+    if resolver is not None and not os.path.isdir(name):
+        resolved = resolver(name)
+        if resolved is not None:
+            return resolved
     return AutoModelForImageClassification.from_pretrained(name)
 
 
@@ -976,11 +1010,15 @@ def stream_batch_inputs(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> tup
 
 
 def load_sub_models(
-    saver: Any, base: Any, saver_preprocessing: dict | None = None, base_preprocessing: dict | None = None
+    saver: Any,
+    base: Any,
+    saver_preprocessing: dict | None = None,
+    base_preprocessing: dict | None = None,
+    resolver: Callable[[str], PreTrainedModel | None] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel, dict[str, Any], dict[str, Any]]:
-    """Loads saver and base (instances, folders, Hub ids or zoo names) and finds each one's preprocessing."""
-    saver_model = load_classifier(saver)
-    base_model = load_classifier(base)
+    """Loads saver and base (instances, folders, Hub ids or names `resolver` knows) and finds their preprocessing."""
+    saver_model = load_classifier(saver, resolver)
+    base_model = load_classifier(base, resolver)
     saver_preprocessing = saver_preprocessing or find_preprocessing(saver_model, saver, role="saver")
     base_preprocessing = base_preprocessing or find_preprocessing(base_model, base, role="base")
     return saver_model, base_model, saver_preprocessing, base_preprocessing
@@ -1027,15 +1065,11 @@ def find_preprocessing(model: PreTrainedModel, source: Any, role: str) -> dict[s
     )
 
 
-def find_macs(model: PreTrainedModel, preprocessing: dict[str, Any]) -> int | None:
-    """Returns the MACs per image recorded in the model's config, or counts them when hf_tinysaver is installed."""
+def find_macs(model: PreTrainedModel, preprocessing: dict[str, Any]) -> int:
+    """Returns the MACs per image recorded in the model's config, or counts them on one image of its input size."""
     recorded = getattr(model.config, "macs", None)
     if recorded:
         return int(recorded)
-    try:
-        from hf_tinysaver.models.mac_counting import count_macs
-    except ImportError:
-        return None
     return count_macs(model, tuple(preprocessing["input_size"]))
 
 

@@ -575,7 +575,7 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             [`TinySaverESNForImageClassification`]: The model, in eval mode.
         """
         saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
-            saver, base, saver_preprocessing, base_preprocessing
+            saver, base, saver_preprocessing, base_preprocessing, resolver=cls.model_resolver
         )
         was_training = (saver_model.training, base_model.training)
         saver_model.eval()
