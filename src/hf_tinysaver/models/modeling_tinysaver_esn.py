@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 from .confidence import compute_confidence
 from .configuration_tinysaver import validate_threshold
 from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
+from .mac_counting import count_macs_of
 from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models, placement
 
 SUPPORTED_BASES = (
@@ -417,15 +418,6 @@ def esn_loss(exit_logits: torch.Tensor, labels: torch.Tensor, saver_logits: torc
     return (weights * per_exit.sum(dim=1)).mean()
 
 
-def count_macs_of(function: Callable[..., Any], *args: Any) -> int:
-    """Multiply-accumulates of one call, counted by `torch.utils.flop_counter` (FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        function(*args)
-    return counter.get_total_flops() // 2
-
-
 class TinySaverESNForImageClassification(TinySaverForImageClassification):
     r"""
     A TinySaver cascade with an Exit Sequence Network. The frozen saver runs on every image and answers those on which
@@ -636,10 +628,8 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         saver_probe = _probe_input(self.saver, self.config.saver_preprocessing)
         base_probe = _probe_input(self.base, self.config.base_preprocessing)
         if saver_macs is None:
-            # As the plain cascade counts it (recorded in the config, or hf_tinysaver.models.mac_counting), so costs compare.
+            # As the plain cascade counts it (recorded in the config, or counted), so costs compare.
             saver_macs = find_macs(self.saver, self.config.saver_preprocessing)
-        if saver_macs is None:
-            saver_macs = count_macs_of(lambda x: self.saver(pixel_values=x), saver_probe)
         with torch.no_grad():
             hidden = staged.run_stem(base_probe)
             _, saver_feature = run_with_pre_logits(self.saver, saver_probe)
