@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save, get_class_from_dynamic_module
 from transformers.utils import ModelOutput, logging
 
 from .confidence import compute_confidence
@@ -32,12 +34,8 @@ from .image_processing_tinysaver import (
 )
 from .inference_optimization import fold_batch_norms, retain_freed_memory
 from .mac_counting import count_macs
-from .modeling_cifar_resnet import CifarResNetForImageClassification
 
 logger = logging.get_logger(__name__)
-
-# Sub-model classes defined by this library, built directly so that remote code needs no Auto registration.
-LOCAL_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"cifar_resnet": CifarResNetForImageClassification}
 
 
 @dataclass
@@ -66,10 +64,40 @@ class TinySaverImageClassifierOutput(ModelOutput):
 
 
 def build_classifier(config: PreTrainedConfig) -> PreTrainedModel:
-    """Builds an image classifier (random weights) from its config, for any architecture a cascade can hold."""
-    if config.model_type in LOCAL_MODEL_CLASSES:
-        return LOCAL_MODEL_CLASSES[config.model_type](config)
+    """Builds an image classifier (random weights) from its config, for any architecture a cascade can hold.
+
+    Architectures transformers knows (its own, or registered like hf_tinysaver's CIFAR ResNets once the library is
+    imported) come from `AutoModelForImageClassification`; a sub-model whose code the cascade's folder carries comes
+    from there, through the `auto_map` that `save_pretrained` wrote into its config (see [`shipped_sub_config`]).
+    """
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModelForImageClassification")
+    if reference is not None and config.model_type not in CONFIG_MAPPING and config.name_or_path:
+        model_class = get_class_from_dynamic_module(
+            reference, config.name_or_path, revision=getattr(config, "_commit_hash", None)
+        )
+        return model_class(config)
     return AutoModelForImageClassification.from_config(config)
+
+
+def shipped_code_auto_map(model: PreTrainedModel) -> dict[str, str] | None:
+    """The `auto_map` of a sub-model whose classes are custom code (not transformers'), or `None`.
+
+    Such a model (hf_tinysaver's CIFAR ResNet) must carry its `modeling_*.py` and `configuration_*.py` files into the
+    cascade's folder; transformers' own architectures (TimmWrapper for timm models included) need none.
+    """
+    model_class, config_class = type(model), type(model.config)
+    modules = [sys.modules.get(model_class.__module__), sys.modules.get(config_class.__module__)]
+    if any(module is None or not getattr(module, "__file__", None) for module in modules):
+        return None
+    model_module, config_module = (module.__name__.rpartition(".")[2] for module in modules)
+    if model_class.__module__.split(".")[0] == "transformers" or not (
+        model_module.startswith("modeling_") and config_module.startswith("configuration_")
+    ):
+        return None
+    return {
+        "AutoConfig": f"{config_module}.{config_class.__name__}",
+        "AutoModelForImageClassification": f"{model_module}.{model_class.__name__}",
+    }
 
 
 def check_label_spaces(
@@ -346,10 +374,23 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         return dict(chosen)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Saves the cascade (config, both sub-models in one `model.safetensors`, remote code) and its processor."""
+        """Saves the cascade (config, both sub-models in one `model.safetensors`, remote code) and its processor.
+
+        The remote code is the cascade's own files plus, only for sub-models that are custom code (a CIFAR ResNet),
+        theirs; their configs get an `auto_map` naming those files.
+        """
+        shipped = []
+        for sub_model, sub_config in ((self.saver, self.config.saver_config), (self.base, self.config.base_config)):
+            auto_map = shipped_code_auto_map(sub_model)
+            if auto_map is not None:
+                sub_config.auto_map = {**(getattr(sub_config, "auto_map", None) or {}), **auto_map}
+                shipped.append(sub_model)
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.config.saver_preprocessing is not None and (kwargs.get("is_main_process", True)):
-            self.get_image_processor().save_pretrained(save_directory)
+        if kwargs.get("is_main_process", True):
+            for sub_model in shipped:
+                custom_object_save(sub_model, save_directory)
+            if self.config.saver_preprocessing is not None:
+                self.get_image_processor().save_pretrained(save_directory)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> Any:
         r"""
