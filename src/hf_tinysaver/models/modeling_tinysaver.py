@@ -628,10 +628,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         )
         if self.__dict__.get("_decision_hooks"):
             self._call_decision_hooks(pixel_values, base_pixel_values, output)
-        if not return_dict:
-            output = (logits, exited, saver_confidence, saver_logits)
-            return ((loss,) + output) if loss is not None else output
-        return output
+        return output if return_dict else output.to_tuple()
 
     def forward_stream(
         self,

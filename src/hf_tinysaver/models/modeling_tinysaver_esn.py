@@ -19,13 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
 from .configuration_tinysaver import validate_threshold
 from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
 from .mac_counting import count_macs_of
-from .modeling_tinysaver import TinySaverForImageClassification, find_macs, load_sub_models, placement
+from .modeling_tinysaver import (
+    TinySaverForImageClassification,
+    TinySaverImageClassifierOutput,
+    find_macs,
+    load_sub_models,
+    placement,
+)
 from .staged_base import (
     SUPPORTED_BASES,
     StagedClassifier,
@@ -40,9 +45,10 @@ from .staged_base import (
 
 
 @dataclass
-class TinySaverESNImageClassifierOutput(ModelOutput):
+class TinySaverESNImageClassifierOutput(TinySaverImageClassifierOutput):
     """
-    Output of [`TinySaverESNForImageClassification`].
+    Output of [`TinySaverESNForImageClassification`]: the fields of [`TinySaverImageClassifierOutput`], in the same
+    order, then the ESN's own.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
@@ -50,14 +56,14 @@ class TinySaverESNImageClassifierOutput(ModelOutput):
             `2 * (1 - saver max probability)`.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             The answer of the point where each image left: the saver's logits, an ESN exit's logits or the base's.
-        exit_index (`torch.LongTensor` of shape `(batch_size,)`):
-            Where each image left: 0 = the saver, `p` in `1..P` = ESN exit `p`, `P + 1` = the base's classifier.
         exited (`torch.BoolTensor` of shape `(batch_size,)`):
             Whether each image was answered by the saver and never reached the base (`exit_index == 0`).
         saver_confidence (`torch.DoubleTensor` of shape `(batch_size,)`):
             The saver's confidence on each image.
         saver_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             The saver's logits on every image, in the base's label space.
+        exit_index (`torch.LongTensor` of shape `(batch_size,)`):
+            Where each image left: 0 = the saver, `p` in `1..P` = ESN exit `p`, `P + 1` = the base's classifier.
         exit_logits (`torch.FloatTensor` of shape `(batch_size, P, num_labels)`, *optional*):
             Every ESN exit's logits on every image; returned with `output_all_exits=True` (or `labels`), which runs
             the whole base on every image.
@@ -65,12 +71,7 @@ class TinySaverESNImageClassifierOutput(ModelOutput):
             The base's logits on every image; returned with `exit_logits`.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     exit_index: torch.LongTensor | None = None
-    exited: torch.BoolTensor | None = None
-    saver_confidence: torch.DoubleTensor | None = None
-    saver_logits: torch.FloatTensor | None = None
     exit_logits: torch.FloatTensor | None = None
     base_logits: torch.FloatTensor | None = None
 
