@@ -14,7 +14,6 @@ import warnings
 from typing import Any
 
 from transformers import CONFIG_MAPPING, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from .confidence import CONFIDENCE_METRICS
@@ -230,13 +229,6 @@ class TinySaverConfig(PreTrainedConfig):
     """
 
     model_type = "tinysaver"
-    # Declared so transformers treats the two nested configs as sub-configs: a `dtype` or `attn_implementation` given
-    # to `from_pretrained` reaches them too (per sub-config with a dict, e.g. `{"base_config": "eager"}`). Any
-    # architecture may fill them, so the spec names no class of its own; `__init__` builds them from their dicts.
-    sub_configs_defaults = {
-        "saver_config": SubConfigSpec(PreTrainedConfig, optional=True),
-        "base_config": SubConfigSpec(PreTrainedConfig, optional=True),
-    }
 
     def __init__(
         self,
