@@ -136,3 +136,22 @@ def test_a_saved_cifar_cascade_answers_the_same_without_hf_tinysaver(
     for outputs in (loaded, without_library):
         assert torch.equal(outputs["logits"], expected.logits)
         assert torch.equal(outputs["exited"], expected.exited)
+
+
+@requires_shared(CIFAR_WEIGHTS)
+def test_a_cifar_cascade_pushed_to_the_hub_loads_by_id_without_hf_tinysaver(
+    saved_cifar_cascade, fake_hub, hub_env, tmp_path, run_without_hf_tinysaver
+):
+    folder, cascade = saved_cifar_cascade
+    repo_id = "tester/cifar-cascade"
+    cascade.push_to_hub(repo_id)
+    pixel_values = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(pixel_values, tmp_path / "pixel_values.pt")
+    env = {"HF_ENDPOINT": fake_hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    result = run_without_hf_tinysaver(
+        FRESH_PROCESS_SCRIPT, repo_id, tmp_path / "pixel_values.pt", cwd=tmp_path, env=env
+    )
+    assert all(module.startswith("transformers_modules.") for module in result["sub_modules"])
+    with torch.no_grad():
+        expected = cascade(pixel_values=pixel_values)
+    assert torch.equal(result["logits"], expected.logits) and torch.equal(result["exited"], expected.exited)
