@@ -268,13 +268,9 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
             saver, base, saver_preprocessing, base_preprocessing, resolver=cls.model_resolver
         )
-        if saver_macs is None:
-            saver_macs = find_macs(saver_model, saver_preprocessing)
-        if base_macs is None:
-            base_macs = find_macs(base_model, base_preprocessing)
-        config = TinySaverConfig(
-            saver_config=saver_model.config,
-            base_config=base_model.config,
+        return cls.from_sub_models(
+            saver_model,
+            base_model,
             threshold=threshold,
             confidence=confidence,
             confidence_temperature=temperature,
@@ -285,8 +281,50 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             base_macs=base_macs,
             **config_kwargs,
         )
-        model = cls(config, saver=saver_model, base=base_model)
-        return model.train(saver_model.training or base_model.training)
+
+    @classmethod
+    def from_sub_models(
+        cls, saver: PreTrainedModel, base: PreTrainedModel, **config_kwargs: Any
+    ) -> TinySaverForImageClassification:
+        r"""
+        Builds the cascade around two loaded classifiers: what
+        [`~TinySaverForImageClassification.from_saver_and_base`] does once it has loaded them and found their
+        preprocessing. Subclasses extend it with what they measure on the sub-models.
+
+        Args:
+            saver (`PreTrainedModel`):
+                The saver.
+            base (`PreTrainedModel`):
+                The base.
+            config_kwargs:
+                Attributes of `cls.config_class` besides the two sub-configs, with `saver_preprocessing` and
+                `base_preprocessing`; `saver_macs` and `base_macs` are counted when missing or `None`.
+
+        Returns:
+            [`TinySaverForImageClassification`]: The cascade, in eval mode when both sub-models were.
+
+        Example:
+
+        ```python
+        >>> from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+        >>> from hf_tinysaver import TinySaverForImageClassification
+
+        >>> saver = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_resnet", num_labels=10))
+        >>> base = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_vit", num_labels=10))
+        >>> spec = {"input_size": [3, 32, 32], "resize": "fixed"}
+        >>> cascade = TinySaverForImageClassification.from_sub_models(
+        ...     saver, base, threshold=0.5, saver_preprocessing=spec, base_preprocessing=spec
+        ... )
+        >>> cascade.config.threshold, cascade.config.saver_macs > 0
+        (0.5, True)
+        ```
+        """
+        for role, model in (("saver", saver), ("base", base)):
+            if config_kwargs.get(f"{role}_macs") is None:
+                config_kwargs[f"{role}_macs"] = find_macs(model, config_kwargs[f"{role}_preprocessing"])
+        config = cls.config_class(saver_config=saver.config, base_config=base.config, **config_kwargs)
+        model = cls(config, saver=saver, base=base)
+        return model.train(saver.training or base.training)
 
     def get_image_processor(self) -> TinySaverImageProcessor:
         """Returns the processor that prepares raw images for this cascade (each sub-model its own way)."""

@@ -28,7 +28,6 @@ from .modeling_tinysaver import (
     TinySaverForImageClassification,
     TinySaverImageClassifierOutput,
     find_macs,
-    load_sub_models,
     placement,
 )
 from .staged_base import (
@@ -380,46 +379,77 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         Returns:
             [`TinySaverESNForImageClassification`]: The model, in eval mode.
         """
-        saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
-            saver, base, saver_preprocessing, base_preprocessing, resolver=cls.model_resolver
+        return super().from_saver_and_base(
+            saver,
+            base,
+            threshold=threshold,
+            confidence=confidence,
+            temperature=temperature,
+            label_mapping=label_mapping,
+            saver_preprocessing=saver_preprocessing,
+            base_preprocessing=base_preprocessing,
+            saver_macs=saver_macs,
+            esn_width=esn_width,
+            esn_layers=esn_layers,
+            esn_num_heads=esn_num_heads,
+            esn_mlp_ratio=esn_mlp_ratio,
+            exit_stages=exit_stages,
+            exit_thresholds=exit_thresholds,
+            **config_kwargs,
         )
-        was_training = (saver_model.training, base_model.training)
-        saver_model.eval()
-        base_model.eval()
+
+    @classmethod
+    def from_sub_models(
+        cls,
+        saver: PreTrainedModel,
+        base: PreTrainedModel,
+        exit_stages: list[str] | None = None,
+        **config_kwargs: Any,
+    ) -> TinySaverESNForImageClassification:
+        r"""
+        Builds the ESN cascade around two loaded classifiers (see
+        [`~TinySaverESNForImageClassification.from_saver_and_base`]): checks the base stage by stage, measures the
+        widths of the saver's feature and of the tapped stages, builds the cascade as the plain one does, then counts
+        the MACs of every answer point.
+
+        Args:
+            saver (`PreTrainedModel`):
+                The saver.
+            base (`PreTrainedModel`):
+                The base; one of the architectures in `SUPPORTED_BASES`.
+            exit_stages (`list[str]`, *optional*):
+                Base stages followed by an ESN exit; defaults to every stage but the last.
+            config_kwargs:
+                Further [`TinySaverESNConfig`] attributes, with `saver_preprocessing` and `base_preprocessing`.
+
+        Returns:
+            [`TinySaverESNForImageClassification`]: The model, in eval mode.
+        """
+        was_training = (saver.training, base.training)
+        saver.eval()
+        base.eval()
         try:
-            staged = staged_classifier(base_model)
+            staged = staged_classifier(base)
             if exit_stages is None:
                 exit_stages = staged.stage_names[:-1]
             positions = exit_stage_positions(staged, exit_stages)
-            saver_probe = probe_input(saver_model, saver_preprocessing, batch_size=2)
-            base_probe = probe_input(base_model, base_preprocessing, batch_size=2)
+            saver_probe = probe_input(saver, config_kwargs["saver_preprocessing"], batch_size=2)
+            base_probe = probe_input(base, config_kwargs["base_preprocessing"], batch_size=2)
             with torch.no_grad():
-                _, saver_feature = run_with_pre_logits(saver_model, saver_probe)
+                _, saver_feature = run_with_pre_logits(saver, saver_probe)
                 stage_outputs = check_staged_forward(staged, base_probe)
-            config = TinySaverESNConfig(
-                saver_config=saver_model.config,
-                base_config=base_model.config,
-                threshold=threshold,
-                confidence=confidence,
-                confidence_temperature=temperature,
-                label_mapping=label_mapping,
-                saver_preprocessing=saver_preprocessing,
-                base_preprocessing=base_preprocessing,
-                esn_width=esn_width,
-                esn_layers=esn_layers,
-                esn_num_heads=esn_num_heads,
-                esn_mlp_ratio=esn_mlp_ratio,
+            model = super().from_sub_models(
+                saver,
+                base,
                 exit_stages=exit_stages,
-                exit_thresholds=exit_thresholds,
                 saver_feature_dim=saver_feature.shape[-1],
                 stage_feature_dims=[pool_feature(stage_outputs[p]).shape[-1] for p in positions],
                 **config_kwargs,
             )
-            model = cls(config, saver=saver_model, base=base_model)
-            model.count_exit_macs(saver_macs=saver_macs)
+            model.count_exit_macs(saver_macs=model.config.saver_macs)
         except Exception:
-            saver_model.train(was_training[0])
-            base_model.train(was_training[1])
+            saver.train(was_training[0])
+            base.train(was_training[1])
             raise
         return model.eval()
 
