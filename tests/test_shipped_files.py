@@ -99,16 +99,25 @@ def test_the_check_sees_what_it_looks_for(tmp_path):
     ]
 
 
+# Loads the cascade, then saves it again (from the remote-code classes) and loads that copy too.
 FRESH_PROCESS_SCRIPT = """
+import os
+
 import torch
 from transformers import AutoModelForImageClassification
 
+pixel_values = torch.load(sys.argv[2])
 model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+model.save_pretrained("resaved")
+resaved = AutoModelForImageClassification.from_pretrained("resaved", trust_remote_code=True).eval()
 with torch.no_grad():
-    outputs = model(pixel_values=torch.load(sys.argv[2]))
+    outputs = model(pixel_values=pixel_values)
+    resaved_outputs = resaved(pixel_values=pixel_values)
 result = {
     "logits": outputs.logits,
     "exited": outputs.exited,
+    "resaved_logits": resaved_outputs.logits,
+    "resaved_files": sorted(os.listdir("resaved")),
     "module": type(model).__module__,
     "sub_modules": [type(model.saver).__module__, type(model.base).__module__],
 }
@@ -136,6 +145,8 @@ def test_a_saved_cifar_cascade_answers_the_same_without_hf_tinysaver(
     for outputs in (loaded, without_library):
         assert torch.equal(outputs["logits"], expected.logits)
         assert torch.equal(outputs["exited"], expected.exited)
+    assert torch.equal(without_library["resaved_logits"], expected.logits)
+    assert {"configuration_cifar_resnet.py", "modeling_cifar_resnet.py"} <= set(without_library["resaved_files"])
 
 
 @requires_shared(CIFAR_WEIGHTS)

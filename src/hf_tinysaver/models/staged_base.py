@@ -1,5 +1,5 @@
-"""Classifiers cut into stem, stages and head, so a batch can stop after any stage (the ESN's base) and the pooled
-features an exit reads.
+"""The ESN's view of its base: a classifier cut into stem, stages and head, so that a batch can stop after any stage,
+and the pooled features (the saver's pre-logits, each stage's output) that the exits read.
 
 Copied next to saved ESN models as remote code: imports only torch, timm and the standard library.
 """
