@@ -14,6 +14,7 @@ from transformers import AutoModelForImageClassification
 
 from conftest import requires_shared
 from hf_tinysaver import TinySaverForImageClassification
+from hub_server import DEFAULT_TOKEN
 from test_package_structure import SHIPPED_THIRD_PARTY
 from tiny_models import timm_classifier
 
@@ -120,7 +121,10 @@ result = {
     "resaved_files": sorted(os.listdir("resaved")),
     "module": type(model).__module__,
     "sub_modules": [type(model.saver).__module__, type(model.base).__module__],
+    "hooks": [type(model).hub_publisher, type(model).model_resolver],
 }
+if len(sys.argv) > 3:  # push with the plain upload of transformers, the only one remote code has
+    model.push_to_hub(sys.argv[3])
 """
 
 
@@ -135,6 +139,7 @@ def test_a_saved_cifar_cascade_answers_the_same_without_hf_tinysaver(
         FRESH_PROCESS_SCRIPT, folder, tmp_path / "pixel_values.pt", cwd=tmp_path
     )
     assert all(module.startswith("transformers_modules.") for module in without_library["sub_modules"])
+    assert without_library["hooks"] == [None, None]
 
     with_library = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert type(with_library) is TinySaverForImageClassification
@@ -158,11 +163,22 @@ def test_a_cifar_cascade_pushed_to_the_hub_loads_by_id_without_hf_tinysaver(
     cascade.push_to_hub(repo_id)
     pixel_values = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.save(pixel_values, tmp_path / "pixel_values.pt")
-    env = {"HF_ENDPOINT": fake_hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    env = {
+        "HF_ENDPOINT": fake_hub.endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": DEFAULT_TOKEN,
+    }
+    plain_repo_id = "tester/cifar-cascade-plain-push"
     result = run_without_hf_tinysaver(
-        FRESH_PROCESS_SCRIPT, repo_id, tmp_path / "pixel_values.pt", cwd=tmp_path, env=env
+        FRESH_PROCESS_SCRIPT, repo_id, tmp_path / "pixel_values.pt", plain_repo_id, cwd=tmp_path, env=env
     )
     assert all(module.startswith("transformers_modules.") for module in result["sub_modules"])
     with torch.no_grad():
         expected = cascade(pixel_values=pixel_values)
     assert torch.equal(result["logits"], expected.logits) and torch.equal(result["exited"], expected.exited)
+    plain_push = fake_hub.commits(plain_repo_id)[0]
+    assert {"config.json", "model.safetensors", "configuration_cifar_resnet.py", "modeling_cifar_resnet.py"} <= set(
+        plain_push.files
+    )
+    assert not any(name.endswith(".png") for name in plain_push.files), "no trade-off plot without hf_tinysaver"
