@@ -299,7 +299,7 @@ def test_the_checks_find_what_they_look_for(tmp_path):
         "pkg/a.py": "from . import b\n\ndef run():\n    return b._helper()\n",
         "pkg/b.py": "import json\n\ndef _helper():\n    from pkg.c import _secret\n    return _secret\n",
         "pkg/c.py": "_secret = 1\n\ndef later():\n    from .a import run\n    return run\n",
-        "pkg/models/__init__.py": "",
+        "pkg/models/__init__.py": "def hook():\n    from ..a import run\n",  # not shipped: may reach the library
         "pkg/models/modeling_x.py": textwrap.dedent(
             """
             import torch
