@@ -54,13 +54,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# The remote-code files `save_pretrained` copies into a cascade folder (flat modules of this package).
-_REMOTE_CODE_NAMES = sorted(
-    path.name
-    for pattern in ("configuration_*.py", "modeling_*.py", "image_processing_*.py", "confidence.py")
-    for path in _PACKAGE_DIR.glob(pattern)
-)
+_MODELS_DIR = Path(__file__).resolve().parent / "models"
+# The remote-code files `save_pretrained` may copy into a cascade folder: the flat modules of `hf_tinysaver.models`
+# (its package file is never copied).
+_REMOTE_CODE_NAMES = sorted(path.name for path in _MODELS_DIR.glob("*.py") if path.name != "__init__.py")
 _MODEL_FILE_PATTERNS = (
     "config.json",
     "preprocessor_config.json",
