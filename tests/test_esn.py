@@ -57,6 +57,9 @@ ESN_REMOTE_CODE_FILES = {
     "confidence.py",
     "configuration_cifar_resnet.py",
     "modeling_cifar_resnet.py",
+    "staged_base.py",
+    "mac_counting.py",
+    "inference_optimization.py",
 }
 
 

@@ -549,6 +549,7 @@ def test_public_docstring_examples_run():
     import doctest
 
     from hf_tinysaver import CifarResNetForImageClassification
+    from hf_tinysaver.models.mac_counting import count_macs_of
 
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
@@ -556,7 +557,9 @@ def test_public_docstring_examples_run():
         "TinySaverForImageClassification": TinySaverForImageClassification,
         "forward_stream": TinySaverForImageClassification.forward_stream,
         "optimize_for_inference": TinySaverForImageClassification.optimize_for_inference,
+        "from_sub_models": TinySaverForImageClassification.from_sub_models,
         "CifarResNetForImageClassification": CifarResNetForImageClassification,
+        "count_macs_of": count_macs_of,
     }.items():
         text = obj.__doc__.replace("```python", "").replace("```", "")
         runner.run(parser.get_doctest(text, {}, name, None, 0))

@@ -19,8 +19,8 @@ REMOTE_CODE_FILES = {
     "modeling_tinysaver.py",
     "image_processing_tinysaver.py",
     "confidence.py",
-    "configuration_cifar_resnet.py",
-    "modeling_cifar_resnet.py",
+    "mac_counting.py",
+    "inference_optimization.py",
 }
 
 
@@ -47,6 +47,7 @@ def test_folder_layout(saved_cascade):
     files = {path.name for path in directory.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     assert REMOTE_CODE_FILES <= files
+    assert not [name for name in files if "cifar" in name], "only cascades holding a CIFAR ResNet carry its code"
     assert not any(name.endswith(".bin") for name in files)
     config = json.loads((directory / "config.json").read_text())
     assert config["auto_map"] == {

@@ -9,18 +9,22 @@ import copy
 import math
 import numbers
 import operator
+import os
 import warnings
 from typing import Any
 
 from transformers import CONFIG_MAPPING, PreTrainedConfig
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from .confidence import CONFIDENCE_METRICS
-from .configuration_cifar_resnet import CifarResNetConfig
 
 TINYSAVER_VERSION = "0.1.0"
 
-# Sub-model configs defined by this library (not in transformers' CONFIG_MAPPING when loaded as remote code).
-LOCAL_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {CifarResNetConfig.model_type: CifarResNetConfig}
+# Sub-model configs whose code a loaded cascade's folder carries (e.g. the CIFAR ResNets, written there by
+# `save_pretrained` only for cascades that hold one), by model type, as resolved from that folder.
+SHIPPED_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {}
+# The `from_pretrained` arguments that say where and how to fetch a sub-model's code.
+CODE_LOADING_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only")
 
 # Keys this version writes; keys outside this set (and outside PreTrainedConfig's own) come from a newer version.
 _TINYSAVER_KEYS = {
@@ -133,16 +137,46 @@ def sub_config_from_dict(config_dict: dict[str, Any]) -> PreTrainedConfig:
             "A nested sub-model config has no `model_type`; save the sub-model with `save_pretrained` or pass the "
             "config object itself."
         )
-    if model_type in LOCAL_CONFIG_CLASSES:
-        config_class = LOCAL_CONFIG_CLASSES[model_type]
-    elif model_type in CONFIG_MAPPING:
+    if model_type in CONFIG_MAPPING:
         config_class = CONFIG_MAPPING[model_type]
+    elif model_type in SHIPPED_CONFIG_CLASSES:
+        config_class = SHIPPED_CONFIG_CLASSES[model_type]
     else:
         raise ValueError(
-            f"Unknown sub-model type {model_type!r}: upgrade transformers, or import the library that defines it "
-            "before loading this cascade."
+            f"Unknown sub-model type {model_type!r}: upgrade transformers, import the library that defines it, or "
+            "load the cascade with `from_pretrained(..., trust_remote_code=True)` from a folder that carries its code."
         )
     return config_class.from_dict(copy.deepcopy(config_dict))
+
+
+def shipped_sub_config(
+    config_dict: dict[str, Any], folder_or_repo: str | os.PathLike, **kwargs: Any
+) -> PreTrainedConfig | None:
+    """Builds a sub-model config whose class is shipped as code next to the cascade, not known to transformers.
+
+    `save_pretrained` writes such sub-configs with an `auto_map` naming their files (`configuration_cifar_resnet`,
+    `modeling_cifar_resnet`); the class is loaded from the cascade's own folder or repo, as `trust_remote_code=True`
+    loads the cascade's classes, and remembered in `SHIPPED_CONFIG_CLASSES`. The config's `name_or_path` points there
+    too, so [`build_classifier`] finds the model class the same way.
+
+    Args:
+        config_dict: The sub-model's serialised config.
+        folder_or_repo: Where the cascade is loaded from.
+        kwargs: How to fetch code from there (`revision`, `token`, `cache_dir`, ...).
+
+    Returns:
+        The config, or `None` when its type is known to transformers or it names no shipped code.
+    """
+    model_type = config_dict.get("model_type")
+    reference = (config_dict.get("auto_map") or {}).get("AutoConfig")
+    if model_type is None or model_type in CONFIG_MAPPING or reference is None:
+        return None
+    config_class = get_class_from_dynamic_module(reference, folder_or_repo, **kwargs)
+    SHIPPED_CONFIG_CLASSES[model_type] = config_class
+    config = config_class.from_dict(copy.deepcopy(config_dict))
+    config.name_or_path = str(folder_or_repo)
+    config._commit_hash = kwargs.get("revision")
+    return config
 
 
 class TinySaverConfig(PreTrainedConfig):
@@ -239,6 +273,23 @@ class TinySaverConfig(PreTrainedConfig):
             kwargs["id2label"] = dict(base_config.id2label)
         super().__init__(**kwargs)
 
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        # Sub-models whose code lies next to the cascade (a CIFAR ResNet) get their config class from there: only
+        # here is the folder or repo known.
+        code_kwargs = {key: kwargs[key] for key in CODE_LOADING_KWARGS if kwargs.get(key) is not None}
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("_commit_hash"):
+            code_kwargs["revision"] = config_dict["_commit_hash"]
+        for key in ("saver_config", "base_config"):
+            if isinstance(config_dict.get(key), dict):
+                shipped = shipped_sub_config(config_dict[key], pretrained_model_name_or_path, **code_kwargs)
+                if shipped is not None:
+                    config_dict[key] = shipped
+        return config_dict, kwargs
+
     def __setattr__(self, key: str, value: Any) -> None:
         # Checked on every assignment (`config.threshold = 0.9` too), so no invalid value reaches the forward pass.
         if key == "threshold":
@@ -293,6 +344,7 @@ __all__ = [
     "TINYSAVER_VERSION",
     "CONFIDENCE_METRICS",
     "THRESHOLD_RANGE",
+    "shipped_sub_config",
     "sub_config_from_dict",
     "validate_label_mapping",
     "validate_threshold",

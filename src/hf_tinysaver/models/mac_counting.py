@@ -3,11 +3,14 @@
 MACs are counted by running one image through the model under `torch.utils.flop_counter.FlopCounterMode`, which
 counts the FLOPs of matrix multiplications, convolutions and attention (1 MAC = 2 FLOPs). Element-wise operations
 (normalisation, activations, pooling) are not counted, as in the published figures of timm and the papers.
+
+Copied next to saved cascades as remote code: imports only torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,12 +92,39 @@ def count_macs(model: nn.Module, input_size: Sequence[int] | None = None) -> int
     pixel_values = torch.zeros((1, *input_size), device=device, dtype=dtype)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     try:
-        with torch.no_grad(), counter:
-            model(pixel_values)
+        return count_macs_of(model, pixel_values)
     finally:
         model.train(was_training)
+
+
+def count_macs_of(function: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Counts the multiply-accumulates of one call `function(*args, **kwargs)`, without gradients.
+
+    The counter behind [`count_macs`], for parts of a model (a stem, one stage, a head) or any other computation;
+    attention is counted on CPU as well.
+
+    Args:
+        function: What to call, e.g. a module or a bound method.
+        args: Its positional arguments.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        MACs of the call (FLOPs / 2), as an int.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_tinysaver.models.mac_counting import count_macs_of
+
+    >>> count_macs_of(torch.nn.Linear(8, 4), torch.zeros(2, 8))
+    64
+    ```
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with torch.no_grad(), counter:
+        function(*args, **kwargs)
     return int(counter.get_total_flops()) // 2
 
 
@@ -105,4 +135,4 @@ def macs_summary(macs: int) -> str:
     return f"{macs / 1e6:.1f} M"
 
 
-__all__ = ["count_macs", "infer_input_size", "macs_summary"]
+__all__ = ["count_macs", "count_macs_of", "infer_input_size", "macs_summary"]

@@ -10,19 +10,19 @@ Copied next to saved cascades as remote code: imports only torch, transformers a
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
 import os
-import platform
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save, get_class_from_dynamic_module
 from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence
@@ -33,12 +33,10 @@ from .image_processing_tinysaver import (
     preprocessing_from_image_processor,
     preprocessing_from_timm,
 )
-from .modeling_cifar_resnet import CifarResNetForImageClassification
+from .inference_optimization import fold_batch_norms, retain_freed_memory
+from .mac_counting import count_macs
 
 logger = logging.getLogger(__name__)
-
-# Sub-model classes defined by this library, built directly so that remote code needs no Auto registration.
-LOCAL_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"cifar_resnet": CifarResNetForImageClassification}
 
 
 @dataclass
@@ -67,10 +65,40 @@ class TinySaverImageClassifierOutput(ModelOutput):
 
 
 def build_classifier(config: PreTrainedConfig) -> PreTrainedModel:
-    """Builds an image classifier (random weights) from its config, for any architecture a cascade can hold."""
-    if config.model_type in LOCAL_MODEL_CLASSES:
-        return LOCAL_MODEL_CLASSES[config.model_type](config)
+    """Builds an image classifier (random weights) from its config, for any architecture a cascade can hold.
+
+    Architectures transformers knows (its own, or registered like hf_tinysaver's CIFAR ResNets once the library is
+    imported) come from `AutoModelForImageClassification`; a sub-model whose code the cascade's folder carries comes
+    from there, through the `auto_map` that `save_pretrained` wrote into its config (see [`shipped_sub_config`]).
+    """
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModelForImageClassification")
+    if reference is not None and config.model_type not in CONFIG_MAPPING and config.name_or_path:
+        model_class = get_class_from_dynamic_module(
+            reference, config.name_or_path, revision=getattr(config, "_commit_hash", None)
+        )
+        return model_class(config)
     return AutoModelForImageClassification.from_config(config)
+
+
+def shipped_code_auto_map(model: PreTrainedModel) -> dict[str, str] | None:
+    """The `auto_map` of a sub-model whose classes are custom code (not transformers'), or `None`.
+
+    Such a model (hf_tinysaver's CIFAR ResNet) must carry its `modeling_*.py` and `configuration_*.py` files into the
+    cascade's folder; transformers' own architectures (TimmWrapper for timm models included) need none.
+    """
+    model_class, config_class = type(model), type(model.config)
+    modules = [sys.modules.get(model_class.__module__), sys.modules.get(config_class.__module__)]
+    if any(module is None or not getattr(module, "__file__", None) for module in modules):
+        return None
+    model_module, config_module = (module.__name__.rpartition(".")[2] for module in modules)
+    if model_class.__module__.split(".")[0] == "transformers" or not (
+        model_module.startswith("modeling_") and config_module.startswith("configuration_")
+    ):
+        return None
+    return {
+        "AutoConfig": f"{config_module}.{config_class.__name__}",
+        "AutoModelForImageClassification": f"{model_module}.{model_class.__name__}",
+    }
 
 
 def check_label_spaces(
@@ -162,6 +190,14 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
     ```
     """
 
+    # Hooks the installed library fills in (`hf_tinysaver.models`); a class loaded as remote code keeps `None`, so the
+    # shipped files never reach back into hf_tinysaver and behave alike whether or not it is installed.
+    hub_publisher: ClassVar[Callable[..., Any] | None] = None
+    """`hub_publisher(model, repo_id, **kwargs)` replaces the plain `push_to_hub` upload when set."""
+    model_resolver: ClassVar[Callable[[str], PreTrainedModel] | None] = None
+    """`model_resolver(name)` loads a model by name with the installed library's rule (`hf_tinysaver.sources`: local
+    folder, zoo name, Hub id); without it names go to `AutoModelForImageClassification.from_pretrained`."""
+
     def __init__(
         self, config: TinySaverConfig, saver: PreTrainedModel | None = None, base: PreTrainedModel | None = None
     ):
@@ -203,8 +239,9 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         Args:
             saver (`PreTrainedModel`, `str` or `os.PathLike`):
                 The tiny model: an image-classification model instance, a local `save_pretrained` folder, a Hub id
-                (timm ids such as `timm/mobilenetv3_small_100.lamb_in1k` load through TimmWrapper) or a zoo name
-                (`hf_tinysaver.zoo`).
+                (timm ids such as `timm/mobilenetv3_small_100.lamb_in1k` load through TimmWrapper) or a name that
+                [`~TinySaverForImageClassification.model_resolver`] knows (zoo names, `hf_tinysaver.zoo`, when the
+                library is installed).
             base (`PreTrainedModel`, `str` or `os.PathLike`):
                 The large model, in any of the same forms.
             threshold (`float`, *optional*, defaults to 1.0):
@@ -231,15 +268,11 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             [`TinySaverForImageClassification`]: The cascade, in eval mode when both sub-models were.
         """
         saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
-            saver, base, saver_preprocessing, base_preprocessing
+            saver, base, saver_preprocessing, base_preprocessing, resolver=cls.model_resolver
         )
-        if saver_macs is None:
-            saver_macs = find_macs(saver_model, saver_preprocessing)
-        if base_macs is None:
-            base_macs = find_macs(base_model, base_preprocessing)
-        config = TinySaverConfig(
-            saver_config=saver_model.config,
-            base_config=base_model.config,
+        return cls.from_sub_models(
+            saver_model,
+            base_model,
             threshold=threshold,
             confidence=confidence,
             confidence_temperature=temperature,
@@ -250,8 +283,50 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
             base_macs=base_macs,
             **config_kwargs,
         )
-        model = cls(config, saver=saver_model, base=base_model)
-        return model.train(saver_model.training or base_model.training)
+
+    @classmethod
+    def from_sub_models(
+        cls, saver: PreTrainedModel, base: PreTrainedModel, **config_kwargs: Any
+    ) -> TinySaverForImageClassification:
+        r"""
+        Builds the cascade around two loaded classifiers: what
+        [`~TinySaverForImageClassification.from_saver_and_base`] does once it has loaded them and found their
+        preprocessing. Subclasses extend it with what they measure on the sub-models.
+
+        Args:
+            saver (`PreTrainedModel`):
+                The saver.
+            base (`PreTrainedModel`):
+                The base.
+            config_kwargs:
+                Attributes of `cls.config_class` besides the two sub-configs, with `saver_preprocessing` and
+                `base_preprocessing`; `saver_macs` and `base_macs` are counted when missing or `None`.
+
+        Returns:
+            [`TinySaverForImageClassification`]: The cascade, in eval mode when both sub-models were.
+
+        Example:
+
+        ```python
+        >>> from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+        >>> from hf_tinysaver import TinySaverForImageClassification
+
+        >>> saver = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_resnet", num_labels=10))
+        >>> base = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_vit", num_labels=10))
+        >>> spec = {"input_size": [3, 32, 32], "resize": "fixed"}
+        >>> cascade = TinySaverForImageClassification.from_sub_models(
+        ...     saver, base, threshold=0.5, saver_preprocessing=spec, base_preprocessing=spec
+        ... )
+        >>> cascade.config.threshold, cascade.config.saver_macs > 0
+        (0.5, True)
+        ```
+        """
+        for role, model in (("saver", saver), ("base", base)):
+            if config_kwargs.get(f"{role}_macs") is None:
+                config_kwargs[f"{role}_macs"] = find_macs(model, config_kwargs[f"{role}_preprocessing"])
+        config = cls.config_class(saver_config=saver.config, base_config=base.config, **config_kwargs)
+        model = cls(config, saver=saver, base=base)
+        return model.train(saver.training or base.training)
 
     def get_image_processor(self) -> TinySaverImageProcessor:
         """Returns the processor that prepares raw images for this cascade (each sub-model its own way)."""
@@ -339,18 +414,47 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         return dict(chosen)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Saves the cascade (config, both sub-models in one `model.safetensors`, remote code) and its processor."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self.config.saver_preprocessing is not None and (kwargs.get("is_main_process", True)):
-            self.get_image_processor().save_pretrained(save_directory)
+        """Saves the cascade (config, both sub-models in one `model.safetensors`, remote code) and its processor.
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Uploads the cascade, its processor and remote code with a generated model card (`hf_tinysaver.hub.push`)."""
-        try:
-            from hf_tinysaver.hub.push import push_cascade
-        except ImportError:  # loaded as remote code where hf_tinysaver is not installed: the standard upload
+        The remote code is the cascade's own files plus, only for sub-models that are custom code (a CIFAR ResNet),
+        theirs; their configs get an `auto_map` naming those files.
+        """
+        shipped = []
+        for sub_model, sub_config in ((self.saver, self.config.saver_config), (self.base, self.config.base_config)):
+            auto_map = shipped_code_auto_map(sub_model)
+            if auto_map is not None:
+                sub_config.auto_map = {**(getattr(sub_config, "auto_map", None) or {}), **auto_map}
+                shipped.append(sub_model)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for sub_model in shipped:
+                custom_object_save(sub_model, save_directory)
+            if self.config.saver_preprocessing is not None:
+                self.get_image_processor().save_pretrained(save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        r"""
+        Uploads the cascade, its processor and remote code to the Hub.
+
+        With hf_tinysaver installed, [`~TinySaverForImageClassification.hub_publisher`] is
+        `hf_tinysaver.hub.push.push_cascade`, which also generates the model card and the calibration's trade-off plot
+        (see its docstring for the keyword arguments). A cascade loaded through remote code alone
+        (`trust_remote_code=True`, whether or not hf_tinysaver is installed) has no publisher and falls back to
+        transformers' plain `PreTrainedModel.push_to_hub`: no generated card, no plot.
+
+        Args:
+            repo_id (`str`):
+                The repo to push to, `namespace/name`.
+            kwargs:
+                Passed on to the publisher (or to `PreTrainedModel.push_to_hub`).
+
+        Returns:
+            What the publisher returns (a `CommitInfo` for both).
+        """
+        publisher = type(self).hub_publisher
+        if publisher is None:
             return super().push_to_hub(repo_id, **kwargs)
-        return push_cascade(self, repo_id, **kwargs)
+        return publisher(self, repo_id, **kwargs)
 
     def optimize_for_inference(
         self, channels_last: bool = True, fold_batch_norm: bool = True, retain_memory: bool = True
@@ -564,10 +668,7 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         )
         if self.__dict__.get("_decision_hooks"):
             self._call_decision_hooks(pixel_values, base_pixel_values, output)
-        if not return_dict:
-            output = (logits, exited, saver_confidence, saver_logits)
-            return ((loss,) + output) if loss is not None else output
-        return output
+        return output if return_dict else output.to_tuple()
 
     def forward_stream(
         self,
@@ -713,200 +814,29 @@ class TinySaverForImageClassification(TinySaverPreTrainedModel):
         return taken_images
 
 
-class BatchNormFoldedConv2d(nn.Conv2d):
-    """A `Conv2d` with the `BatchNorm2d` that follows it folded in, for inference.
-
-    Its own parameters, and so its state-dict keys, stay as they were; in eval mode it convolves with a folded weight
-    and bias (non-persistent buffers). These are recomputed when the convolution's weight has moved (`.to()`) or
-    when any of the tensors they come from has been modified in place since (`load_state_dict`, training steps,
-    batch-norm statistics updates); edits through `.data` bypass that tracking, so call
-    `optimize_for_inference()` again after those. In training mode it is a plain `Conv2d` and the batch norm runs
-    again.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return super().forward(input)
-        state = self.__dict__
-        if (
-            self._parameters["weight"].data_ptr() != state["folded_weight_pointer"]
-            or [tensor._version for tensor in state["folded_sources"]] != state["folded_versions"]
-        ):
-            self.refold()
-        return self._conv_forward(input, self._buffers["folded_weight"], self._buffers["folded_bias"])
-
-    @torch.no_grad()
-    def refold(self) -> None:
-        """Recomputes the folded weight and bias from the convolution's and the batch norm's current tensors."""
-        batch_norm = self.__dict__["folded_batch_norm"]
-        weight = self.weight.double()
-        scale = torch.rsqrt(batch_norm.running_var.double() + batch_norm.eps)
-        if batch_norm.weight is not None:
-            scale = scale * batch_norm.weight.double()
-        bias = self.bias.double() if self.bias is not None else torch.zeros_like(scale)
-        bias = (bias - batch_norm.running_mean.double()) * scale
-        if batch_norm.bias is not None:
-            bias = bias + batch_norm.bias.double()
-        memory_format = torch.channels_last if is_channels_last(self.weight) else torch.contiguous_format
-        folded_weight = (weight * scale.view(-1, 1, 1, 1)).to(self.weight.dtype)
-        self.register_buffer("folded_weight", folded_weight.contiguous(memory_format=memory_format), persistent=False)
-        self.register_buffer("folded_bias", bias.to(self.weight.dtype), persistent=False)
-        sources = (self.weight, self.bias, batch_norm.weight, batch_norm.bias)
-        sources += (batch_norm.running_mean, batch_norm.running_var)
-        sources = tuple(tensor for tensor in sources if tensor is not None)
-        self.__dict__["folded_sources"] = sources
-        self.__dict__["folded_versions"] = [tensor._version for tensor in sources]
-        self.__dict__["folded_weight_pointer"] = self.weight.data_ptr()
-
-
-class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """A `BatchNorm2d` folded into the convolution before it: the identity in eval mode, itself in training mode."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return super().forward(input) if self.training else input
-
-
-def folded_batch_norm_class(batch_norm: nn.Module) -> type[nn.Module] | None:
-    """The class a foldable batch norm becomes, or None when its forward does more than we can account for."""
-    if type(batch_norm) is nn.BatchNorm2d:
-        return FoldedBatchNorm2d
-    if type(batch_norm).__name__ == "BatchNormAct2d" and type(batch_norm).__module__.startswith("timm."):
-        # timm's fused norm + activation: keep the dropout and activation that follow the normalisation.
-        if type(batch_norm) not in FOLDED_TIMM_BATCH_NORM_ACT:
-            FOLDED_TIMM_BATCH_NORM_ACT[type(batch_norm)] = make_folded_batch_norm_act(type(batch_norm))
-        return FOLDED_TIMM_BATCH_NORM_ACT[type(batch_norm)]
-    return None
-
-
-def make_folded_batch_norm_act(batch_norm_act: type[nn.Module]) -> type[nn.Module]:
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return batch_norm_act.forward(self, input) if self.training else self.act(self.drop(input))
-
-    return type(f"Folded{batch_norm_act.__name__}", (batch_norm_act,), {"forward": forward})
-
-
-FOLDED_TIMM_BATCH_NORM_ACT: dict[type, type] = {}
-
-
-def is_channels_last(tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
-
-
-@torch.no_grad()
-def fold_batch_norms(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Folds every eval-mode batch norm that directly normalises a convolution's output into that convolution.
-
-    Which batch norm follows which convolution is found by running `example_input` through the model with hooks: a
-    pair qualifies when the batch norm's input is the very tensor the convolution returned, each ran once, and the
-    batch norm uses running statistics. Afterwards the model's logits on `example_input` are compared with the
-    original ones, and the folding is undone if they differ by more than float rounding (a convolution output also
-    used elsewhere, say).
+def load_classifier(
+    model: PreTrainedModel | nn.Module | str | os.PathLike,
+    resolver: Callable[[str], PreTrainedModel] | None = None,
+) -> PreTrainedModel:
+    """Returns an image classifier given as an instance, a local folder, a Hub id or a name `resolver` knows.
 
     Args:
-        model: An image classifier in eval mode, called as `model(pixel_values=...)`.
-        example_input: A small batch of the model's input shape.
+        model: The classifier, a timm `nn.Module`, a local `save_pretrained` folder or a Hub id.
+        resolver: Loads every name (the installed library's rule, which also knows zoo names); without one, a name
+            is a local folder or a Hub id for `AutoModelForImageClassification.from_pretrained`.
 
     Returns:
-        The number of batch norms folded.
+        The `PreTrainedModel`.
     """
-    conv_outputs, calls, pairs = {}, {}, []
-
-    def record_conv(module, args, output):
-        calls[module] = calls.get(module, 0) + 1
-        conv_outputs[id(output)] = (output, module)
-
-    def record_batch_norm(module, args, output):
-        calls[module] = calls.get(module, 0) + 1
-        produced = conv_outputs.get(id(args[0]))
-        if produced is not None and produced[0] is args[0]:
-            pairs.append((produced[1], module))
-
-    handles = []
-    for module in model.modules():
-        if type(module) is nn.Conv2d:
-            handles.append(module.register_forward_hook(record_conv))
-        elif folded_batch_norm_class(module) is not None and module.running_var is not None:
-            handles.append(module.register_forward_hook(record_batch_norm))
-    try:
-        expected = model(pixel_values=example_input).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    pairs = [(conv, norm) for conv, norm in pairs if calls[conv] == 1 and calls[norm] == 1]
-    if not pairs:
-        return 0
-    originals = [(conv, type(conv), norm, type(norm)) for conv, norm in pairs]
-    for conv, norm in pairs:
-        conv.__class__ = BatchNormFoldedConv2d
-        conv.__dict__["folded_batch_norm"] = norm
-        conv.refold()
-        norm.__class__ = folded_batch_norm_class(norm)
-    actual = model(pixel_values=example_input).logits
-    tolerance = 1e-3 * max(1.0, float(expected.abs().max()))
-    if not torch.allclose(actual, expected, rtol=0, atol=tolerance):
-        for conv, conv_class, norm, norm_class in originals:
-            conv.__class__, norm.__class__ = conv_class, norm_class
-            del conv.folded_weight, conv.folded_bias
-            for key in ("folded_batch_norm", "folded_sources", "folded_versions", "folded_weight_pointer"):
-                del conv.__dict__[key]
-        return 0
-    return len(pairs)
-
-
-# glibc mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-# The largest mmap threshold glibc accepts on 64-bit systems (half its 64 MiB heap size).
-GLIBC_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
-
-
-def retain_freed_memory(trim_threshold: int = 1 << 30) -> bool:
-    """Makes glibc's malloc keep freed memory for reuse instead of returning it to the system.
-
-    By default glibc returns freed memory at the top of its heap once more than twice the largest recent allocation
-    is free, and serves large blocks with fresh `mmap`s. PyTorch's CPU activations are such blocks, freed at the end
-    of every forward pass, so each pass page-faults its working set in again: about 70,000 (batch 16) to 270,000
-    (batch 64) page faults per thousand CIFAR images here, a third to a half of the CIFAR ResNets' run time. With
-    allocations up to 32 MiB served from the heap and up to `trim_threshold` bytes of free heap kept, later passes
-    reuse the same pages. The process keeps its peak memory instead of shrinking back; setting
-    `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment, or running under jemalloc or tcmalloc,
-    has the same effect.
-
-    Process-wide and lasting; a no-op (returning `False`) where the C library is not glibc.
-
-    Args:
-        trim_threshold: Bytes of free memory at the top of the heap that glibc may keep.
-
-    Returns:
-        Whether glibc accepted the settings.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    mmap_threshold_set = libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MAX_MMAP_THRESHOLD)
-    trim_threshold_set = libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold))
-    return bool(mmap_threshold_set and trim_threshold_set)
-
-
-def load_classifier(model: PreTrainedModel | nn.Module | str | os.PathLike) -> PreTrainedModel:
-    """Returns an image classifier given as an instance, a local folder, a Hub id or a zoo name."""
     if isinstance(model, PreTrainedModel):
         return model
     if isinstance(model, nn.Module):
         return wrap_timm_model(model)
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"Expected a model instance, a folder or a Hub id, got {type(model).__name__}.")
-    name = str(model)
-    if not os.path.isdir(name):
-        try:
-            from hf_tinysaver.zoo import ZOO, load_zoo_model
-        except ImportError:
-            ZOO = {}
-        if name in ZOO:
-            return load_zoo_model(name)
-    return AutoModelForImageClassification.from_pretrained(name)
+    if resolver is not None:
+        return resolver(str(model))
+    return AutoModelForImageClassification.from_pretrained(str(model))
 
 
 def placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -977,11 +907,15 @@ def stream_batch_inputs(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> tup
 
 
 def load_sub_models(
-    saver: Any, base: Any, saver_preprocessing: dict | None = None, base_preprocessing: dict | None = None
+    saver: Any,
+    base: Any,
+    saver_preprocessing: dict | None = None,
+    base_preprocessing: dict | None = None,
+    resolver: Callable[[str], PreTrainedModel] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel, dict[str, Any], dict[str, Any]]:
-    """Loads saver and base (instances, folders, Hub ids or zoo names) and finds each one's preprocessing."""
-    saver_model = load_classifier(saver)
-    base_model = load_classifier(base)
+    """Loads saver and base (instances, folders, Hub ids or names `resolver` knows) and finds their preprocessing."""
+    saver_model = load_classifier(saver, resolver)
+    base_model = load_classifier(base, resolver)
     saver_preprocessing = saver_preprocessing or find_preprocessing(saver_model, saver, role="saver")
     base_preprocessing = base_preprocessing or find_preprocessing(base_model, base, role="base")
     return saver_model, base_model, saver_preprocessing, base_preprocessing
@@ -1028,15 +962,11 @@ def find_preprocessing(model: PreTrainedModel, source: Any, role: str) -> dict[s
     )
 
 
-def find_macs(model: PreTrainedModel, preprocessing: dict[str, Any]) -> int | None:
-    """Returns the MACs per image recorded in the model's config, or counts them when hf_tinysaver is installed."""
+def find_macs(model: PreTrainedModel, preprocessing: dict[str, Any]) -> int:
+    """Returns the MACs per image recorded in the model's config, or counts them on one image of its input size."""
     recorded = getattr(model.config, "macs", None)
     if recorded:
         return int(recorded)
-    try:
-        from hf_tinysaver.models.mac_counting import count_macs
-    except ImportError:
-        return None
     return count_macs(model, tuple(preprocessing["input_size"]))
 
 

@@ -13,38 +13,43 @@ Copied next to saved models as remote code: imports only torch, transformers, ti
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
 
 from .confidence import compute_confidence, first_exit
 from .configuration_tinysaver import validate_threshold
 from .configuration_tinysaver_esn import TinySaverESNConfig, validate_exit_thresholds
+from .mac_counting import count_macs_of
 from .modeling_tinysaver import (
     TinySaverForImageClassification,
+    TinySaverImageClassifierOutput,
     find_macs,
-    load_sub_models,
     placement,
     stream_batch_inputs,
 )
-
-SUPPORTED_BASES = (
-    "hf_tinysaver's CIFAR ResNets (any model exposing `forward_stem`, `stages` and `forward_head`)",
-    "timm ResNet, EfficientNet (incl. EfficientNet-Lite), MobileNetV3 and ConvNeXt wrapped in "
-    "TimmWrapperForImageClassification",
-    "transformers ResNetForImageClassification",
+from .staged_base import (
+    SUPPORTED_BASES,
+    StagedClassifier,
+    check_staged_forward,
+    classifier_module,
+    exit_stage_positions,
+    pool_feature,
+    probe_input,
+    run_with_pre_logits,
+    staged_classifier,
 )
 
 
 @dataclass
-class TinySaverESNImageClassifierOutput(ModelOutput):
+class TinySaverESNImageClassifierOutput(TinySaverImageClassifierOutput):
     """
-    Output of [`TinySaverESNForImageClassification`].
+    Output of [`TinySaverESNForImageClassification`]: the fields of [`TinySaverImageClassifierOutput`], in the same
+    order, then the ESN's own.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
@@ -52,14 +57,14 @@ class TinySaverESNImageClassifierOutput(ModelOutput):
             `2 * (1 - saver max probability)`.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             The answer of the point where each image left: the saver's logits, an ESN exit's logits or the base's.
-        exit_index (`torch.LongTensor` of shape `(batch_size,)`):
-            Where each image left: 0 = the saver, `p` in `1..P` = ESN exit `p`, `P + 1` = the base's classifier.
         exited (`torch.BoolTensor` of shape `(batch_size,)`):
             Whether each image was answered by the saver and never reached the base (`exit_index == 0`).
         saver_confidence (`torch.DoubleTensor` of shape `(batch_size,)`):
             The saver's confidence on each image.
         saver_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             The saver's logits on every image, in the base's label space.
+        exit_index (`torch.LongTensor` of shape `(batch_size,)`):
+            Where each image left: 0 = the saver, `p` in `1..P` = ESN exit `p`, `P + 1` = the base's classifier.
         exit_logits (`torch.FloatTensor` of shape `(batch_size, P, num_labels)`, *optional*):
             Every ESN exit's logits on every image; returned with `output_all_exits=True` (or `labels`), which runs
             the whole base on every image.
@@ -67,204 +72,9 @@ class TinySaverESNImageClassifierOutput(ModelOutput):
             The base's logits on every image; returned with `exit_logits`.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     exit_index: torch.LongTensor | None = None
-    exited: torch.BoolTensor | None = None
-    saver_confidence: torch.DoubleTensor | None = None
-    saver_logits: torch.FloatTensor | None = None
     exit_logits: torch.FloatTensor | None = None
     base_logits: torch.FloatTensor | None = None
-
-
-def pool_feature(hidden_states: torch.Tensor) -> torch.Tensor:
-    """Global average pool of a stage output: `(B, C, H, W)` over space, `(B, N, C)` over tokens, `(B, C)` as is."""
-    if hidden_states.ndim == 4:
-        return hidden_states.mean(dim=(2, 3))
-    if hidden_states.ndim == 3:
-        return hidden_states.mean(dim=1)
-    if hidden_states.ndim == 2:
-        return hidden_states
-    raise ValueError(f"Cannot pool a feature of shape {tuple(hidden_states.shape)} into one vector per image.")
-
-
-class StagedClassifier:
-    """A classifier cut into stem, stages and head, so that a batch can stop after any stage and go on later.
-
-    A plain object, not an `nn.Module`: it resolves the model's own modules by name on every call and holds no
-    parameters, so the model's state dict and device moves are unaffected.
-
-    Args:
-        model: The classifier.
-        stem: `stem(model, pixel_values)` -> the input of the first stage.
-        stage_names: Module paths of the stages inside `model`, in order.
-        head: `head(model, hidden_states)` -> logits, from the last stage's output.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        stem: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-        stage_names: list[str],
-        head: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    ):
-        self.model = model
-        self._stem = stem
-        self.stage_names = list(stage_names)
-        self._head = head
-
-    def __len__(self) -> int:
-        return len(self.stage_names)
-
-    def stage(self, index: int) -> nn.Module:
-        return self.model.get_submodule(self.stage_names[index])
-
-    def run_stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._stem(self.model, pixel_values)
-
-    def run_stage(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.stage(index)(hidden_states)
-
-    def run_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._head(self.model, hidden_states)
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Runs the whole classifier; returns the logits and every stage's output."""
-        hidden_states = self.run_stem(pixel_values)
-        stage_outputs = []
-        for index in range(len(self)):
-            hidden_states = self.run_stage(index, hidden_states)
-            stage_outputs.append(hidden_states)
-        return self.run_head(hidden_states), stage_outputs
-
-
-def _module_path(model: nn.Module, module: nn.Module) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name
-    raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}.")
-
-
-def _timm_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    # TimmWrapperForImageClassification casts its input the same way before calling the timm model.
-    return pixel_values.to(model.device, model.dtype)
-
-
-def _timm_staging(model: nn.Module) -> StagedClassifier | None:
-    from timm.models.convnext import ConvNeXt
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.mobilenetv3 import MobileNetV3
-    from timm.models.resnet import ResNet
-
-    timm_model = model.timm_model
-    if isinstance(timm_model, ResNet):
-
-        def stem(model, x):
-            t = model.timm_model
-            return t.maxpool(t.act1(t.bn1(t.conv1(_timm_input(model, x)))))
-
-        names = [f"timm_model.layer{index}" for index in range(1, 5)]
-        return StagedClassifier(model, stem, names, lambda model, h: model.timm_model.forward_head(h))
-    if isinstance(timm_model, (EfficientNet, MobileNetV3)):
-
-        def stem(model, x):
-            return model.timm_model.bn1(model.timm_model.conv_stem(_timm_input(model, x)))
-
-        if isinstance(timm_model, EfficientNet):
-
-            def head(model, h):
-                t = model.timm_model
-                return t.forward_head(t.bn2(t.conv_head(h)))
-
-        else:
-
-            def head(model, h):
-                return model.timm_model.forward_head(h)
-
-        names = [f"timm_model.blocks.{index}" for index in range(len(timm_model.blocks))]
-        return StagedClassifier(model, stem, names, head)
-    if isinstance(timm_model, ConvNeXt):
-        names = [f"timm_model.stages.{index}" for index in range(len(timm_model.stages))]
-        return StagedClassifier(
-            model,
-            lambda model, x: model.timm_model.stem(_timm_input(model, x)),
-            names,
-            lambda model, h: model.timm_model.forward_head(model.timm_model.norm_pre(h)),
-        )
-    return None
-
-
-def staged_classifier(model: nn.Module) -> StagedClassifier:
-    """Cuts a supported base classifier into stem, stages and head.
-
-    Args:
-        model: A CIFAR ResNet of this library (or any model with `forward_stem`, `stages`, `forward_head`), a
-            supported timm model wrapped in `TimmWrapperForImageClassification`, or a transformers
-            `ResNetForImageClassification`.
-
-    Returns:
-        A [`StagedClassifier`] over the model.
-    """
-    if all(hasattr(model, name) for name in ("forward_stem", "stages", "forward_head")):
-        names = [_module_path(model, stage) for stage in model.stages]
-        return StagedClassifier(
-            model, lambda model, x: model.forward_stem(x), names, lambda model, h: model.forward_head(h)
-        )
-    staged = None
-    if hasattr(model, "timm_model"):
-        staged = _timm_staging(model)
-    elif getattr(getattr(model, "config", None), "model_type", None) == "resnet" and hasattr(model, "resnet"):
-        names = [f"resnet.encoder.stages.{index}" for index in range(len(model.resnet.encoder.stages))]
-        staged = StagedClassifier(
-            model,
-            lambda model, x: model.resnet.embedder(x),
-            names,
-            lambda model, h: model.classifier(model.resnet.pooler(h)),
-        )
-    if staged is None:
-        architecture = type(getattr(model, "timm_model", model)).__name__
-        raise ValueError(
-            f"The ESN cannot run the base {architecture} stage by stage. Supported bases: "
-            + "; ".join(SUPPORTED_BASES)
-            + ". Use one of those as the base, or the plain TinySaverForImageClassification cascade."
-        )
-    return staged
-
-
-def classifier_module(model: nn.Module) -> nn.Module:
-    """The final classification layer of an image classifier; its input is the pre-logits feature."""
-    if hasattr(model, "timm_model"):
-        module = model.timm_model.get_classifier()
-    else:
-        module = next(
-            (getattr(model, name) for name in ("classifier", "linear", "fc", "head") if hasattr(model, name)), None
-        )
-    if not isinstance(module, nn.Module) or isinstance(module, nn.Identity):
-        raise ValueError(
-            f"Cannot find the classification layer of {type(model).__name__} (looked for `classifier`, `linear`, "
-            "`fc`, `head`); the ESN reads the saver's pre-logits feature from its input."
-        )
-    return module
-
-
-def run_with_pre_logits(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a classifier and returns its logits and its pooled pre-logits feature (the classifier's input)."""
-    captured = []
-
-    def capture(module, args):
-        captured.append(args[0])
-
-    handle = classifier_module(model).register_forward_pre_hook(capture)
-    try:
-        logits = model(pixel_values=pixel_values).logits
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise ValueError(
-            f"The classification layer of {type(model).__name__} ran {len(captured)} times in one forward; the ESN "
-            "needs a model whose classifier runs once."
-        )
-    return logits, pool_feature(captured[0])
 
 
 class ExitSequenceAttention(nn.Module):
@@ -423,15 +233,6 @@ def esn_loss(exit_logits: torch.Tensor, labels: torch.Tensor, saver_logits: torc
     return (weights * per_exit.sum(dim=1)).mean()
 
 
-def count_macs_of(function: Callable[..., Any], *args: Any) -> int:
-    """Multiply-accumulates of one call, counted by `torch.utils.flop_counter` (FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        function(*args)
-    return counter.get_total_flops() // 2
-
-
 class TinySaverESNForImageClassification(TinySaverForImageClassification):
     r"""
     A TinySaver cascade with an Exit Sequence Network. The frozen saver runs on every image and answers those on which
@@ -580,46 +381,77 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
         Returns:
             [`TinySaverESNForImageClassification`]: The model, in eval mode.
         """
-        saver_model, base_model, saver_preprocessing, base_preprocessing = load_sub_models(
-            saver, base, saver_preprocessing, base_preprocessing
+        return super().from_saver_and_base(
+            saver,
+            base,
+            threshold=threshold,
+            confidence=confidence,
+            temperature=temperature,
+            label_mapping=label_mapping,
+            saver_preprocessing=saver_preprocessing,
+            base_preprocessing=base_preprocessing,
+            saver_macs=saver_macs,
+            esn_width=esn_width,
+            esn_layers=esn_layers,
+            esn_num_heads=esn_num_heads,
+            esn_mlp_ratio=esn_mlp_ratio,
+            exit_stages=exit_stages,
+            exit_thresholds=exit_thresholds,
+            **config_kwargs,
         )
-        was_training = (saver_model.training, base_model.training)
-        saver_model.eval()
-        base_model.eval()
+
+    @classmethod
+    def from_sub_models(
+        cls,
+        saver: PreTrainedModel,
+        base: PreTrainedModel,
+        exit_stages: list[str] | None = None,
+        **config_kwargs: Any,
+    ) -> TinySaverESNForImageClassification:
+        r"""
+        Builds the ESN cascade around two loaded classifiers (see
+        [`~TinySaverESNForImageClassification.from_saver_and_base`]): checks the base stage by stage, measures the
+        widths of the saver's feature and of the tapped stages, builds the cascade as the plain one does, then counts
+        the MACs of every answer point.
+
+        Args:
+            saver (`PreTrainedModel`):
+                The saver.
+            base (`PreTrainedModel`):
+                The base; one of the architectures in `SUPPORTED_BASES`.
+            exit_stages (`list[str]`, *optional*):
+                Base stages followed by an ESN exit; defaults to every stage but the last.
+            config_kwargs:
+                Further [`TinySaverESNConfig`] attributes, with `saver_preprocessing` and `base_preprocessing`.
+
+        Returns:
+            [`TinySaverESNForImageClassification`]: The model, in eval mode.
+        """
+        was_training = (saver.training, base.training)
+        saver.eval()
+        base.eval()
         try:
-            staged = staged_classifier(base_model)
+            staged = staged_classifier(base)
             if exit_stages is None:
                 exit_stages = staged.stage_names[:-1]
             positions = exit_stage_positions(staged, exit_stages)
-            saver_probe = _probe_input(saver_model, saver_preprocessing, batch_size=2)
-            base_probe = _probe_input(base_model, base_preprocessing, batch_size=2)
+            saver_probe = probe_input(saver, config_kwargs["saver_preprocessing"], batch_size=2)
+            base_probe = probe_input(base, config_kwargs["base_preprocessing"], batch_size=2)
             with torch.no_grad():
-                _, saver_feature = run_with_pre_logits(saver_model, saver_probe)
-                stage_outputs = _check_staged_forward(staged, base_probe)
-            config = TinySaverESNConfig(
-                saver_config=saver_model.config,
-                base_config=base_model.config,
-                threshold=threshold,
-                confidence=confidence,
-                confidence_temperature=temperature,
-                label_mapping=label_mapping,
-                saver_preprocessing=saver_preprocessing,
-                base_preprocessing=base_preprocessing,
-                esn_width=esn_width,
-                esn_layers=esn_layers,
-                esn_num_heads=esn_num_heads,
-                esn_mlp_ratio=esn_mlp_ratio,
+                _, saver_feature = run_with_pre_logits(saver, saver_probe)
+                stage_outputs = check_staged_forward(staged, base_probe)
+            model = super().from_sub_models(
+                saver,
+                base,
                 exit_stages=exit_stages,
-                exit_thresholds=exit_thresholds,
                 saver_feature_dim=saver_feature.shape[-1],
                 stage_feature_dims=[pool_feature(stage_outputs[p]).shape[-1] for p in positions],
                 **config_kwargs,
             )
-            model = cls(config, saver=saver_model, base=base_model)
-            model.count_exit_macs(saver_macs=saver_macs)
+            model.count_exit_macs(saver_macs=model.config.saver_macs)
         except Exception:
-            saver_model.train(was_training[0])
-            base_model.train(was_training[1])
+            saver.train(was_training[0])
+            base.train(was_training[1])
             raise
         return model.eval()
 
@@ -639,13 +471,11 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             `config.exit_macs`.
         """
         staged = self._staged_base
-        saver_probe = _probe_input(self.saver, self.config.saver_preprocessing)
-        base_probe = _probe_input(self.base, self.config.base_preprocessing)
+        saver_probe = probe_input(self.saver, self.config.saver_preprocessing)
+        base_probe = probe_input(self.base, self.config.base_preprocessing)
         if saver_macs is None:
-            # As the plain cascade counts it (recorded in the config, or hf_tinysaver.models.mac_counting), so costs compare.
+            # As the plain cascade counts it (recorded in the config, or counted), so costs compare.
             saver_macs = find_macs(self.saver, self.config.saver_preprocessing)
-        if saver_macs is None:
-            saver_macs = count_macs_of(lambda x: self.saver(pixel_values=x), saver_probe)
         with torch.no_grad():
             hidden = staged.run_stem(base_probe)
             _, saver_feature = run_with_pre_logits(self.saver, saver_probe)
@@ -904,46 +734,6 @@ class TinySaverESNForImageClassification(TinySaverForImageClassification):
             exit_logits=exit_logits,
             base_logits=features["base_logits"],
         )
-
-
-def exit_stage_positions(staged: StagedClassifier, exit_stages: list[str]) -> list[int]:
-    """Positions of `exit_stages` among the base's stages; they must be in order and exclude the last stage."""
-    positions = []
-    for name in exit_stages:
-        if name not in staged.stage_names:
-            raise ValueError(f"{name!r} is not a stage of the base; its stages are {staged.stage_names}.")
-        positions.append(staged.stage_names.index(name))
-    if positions != sorted(set(positions)):
-        raise ValueError(
-            f"exit_stages must be distinct and in the base's order {staged.stage_names}, got {exit_stages}."
-        )
-    if positions and positions[-1] == len(staged) - 1:
-        raise ValueError(
-            f"The last stage {staged.stage_names[-1]!r} cannot carry an ESN exit: the base's own classifier answers "
-            "there. Tap earlier stages only."
-        )
-    return positions
-
-
-def _probe_input(model: nn.Module, preprocessing: dict[str, Any], batch_size: int = 1) -> torch.Tensor:
-    parameter = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(batch_size, *[int(v) for v in preprocessing["input_size"]], generator=generator)
-    return probe.to(parameter.device, parameter.dtype)
-
-
-def _check_staged_forward(staged: StagedClassifier, probe: torch.Tensor) -> list[torch.Tensor]:
-    staged_logits, stage_outputs = staged.forward(probe)
-    full_logits = staged.model(pixel_values=probe).logits
-    if staged_logits.shape != full_logits.shape or not torch.allclose(
-        staged_logits, full_logits, atol=1e-4, rtol=1e-4
-    ):
-        raise ValueError(
-            f"Running the base ({type(getattr(staged.model, 'timm_model', staged.model)).__name__}) stage by stage "
-            "does not reproduce its own logits, so this variant of the architecture is not supported by the ESN. "
-            f"Supported bases: {'; '.join(SUPPORTED_BASES)}."
-        )
-    return stage_outputs
 
 
 __all__ = [
