@@ -206,7 +206,8 @@ def load_model(model: Any, assets: str | os.PathLike | None = None):
         return load_zoo_model(source.value, assets=assets)
     from transformers import AutoModelForImageClassification
 
-    from . import models  # noqa: F401  (registers the library's model types with the Auto classes)
+    # Loading a model module runs hf_tinysaver/models/__init__.py, which registers the Auto classes.
+    from .models import modeling_tinysaver  # noqa: F401
 
     if source.origin == "local":
         return AutoModelForImageClassification.from_pretrained(_local_model_folder(source.value))
@@ -232,7 +233,8 @@ def load_model_config(model: Any, assets: str | os.PathLike | None = None):
     source = parse_source(model, "model")
     from transformers import AutoConfig, PreTrainedModel
 
-    from . import models  # noqa: F401  (registers the library's model types with the Auto classes)
+    # Loading a model module runs hf_tinysaver/models/__init__.py, which registers the Auto classes.
+    from .models import modeling_tinysaver  # noqa: F401
 
     if source.origin == "object":
         return source.value.config if isinstance(source.value, PreTrainedModel) else load_model(source.value).config

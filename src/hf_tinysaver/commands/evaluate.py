@@ -25,7 +25,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from transformers import AutoModelForImageClassification
 
-    from .. import models  # noqa: F401  (registers the library's model types with the Auto classes)
+    # Loading a model module runs hf_tinysaver/models/__init__.py, which registers the Auto classes.
+    from ..models import modeling_tinysaver  # noqa: F401
     from ..records import distributed_state
     from ..workflows.cascade import evaluate_cascade, write_json_atomic
 
