@@ -96,7 +96,7 @@ def _threshold_between(higher: np.ndarray, lower: np.ndarray) -> np.ndarray:
     return np.where(midpoint < higher, midpoint, lower)
 
 
-def _count_for_rate(rate: float, n: int) -> int:
+def count_for_rate(rate: float, n: int) -> int:
     """Smallest sample count whose share of `n` is at least `rate`, robust to the float error of `rate * n`."""
     return max(0, math.ceil(round(rate * n, 9)))
 
@@ -638,7 +638,7 @@ class CascadeSimulation:
 
     def _exit_rate(self, exit_rate: float) -> CalibrationResult:
         exit_rate = check_number("exit_rate", exit_rate, 0.0, 1.0, meaning="a fraction of samples")
-        point = int(np.searchsorted(self.curve.exited, _count_for_rate(exit_rate, self.n)))
+        point = int(np.searchsorted(self.curve.exited, count_for_rate(exit_rate, self.n)))
         return self._result("exit-rate", point, target_exit_rate=float(exit_rate))
 
     def _budget(self, relative_macs: float) -> CalibrationResult:
@@ -655,7 +655,7 @@ class CascadeSimulation:
                 f"point: {nearest.describe()}. Raise the budget to at least {self.relative_saver_macs:.4g} or pick a "
                 "smaller saver."
             )
-        required = _count_for_rate(min(max(required_exit_rate, 0.0), 1.0), self.n)
+        required = count_for_rate(min(max(required_exit_rate, 0.0), 1.0), self.n)
         return self._result("budget", int(np.searchsorted(self.curve.exited, required)), **params)
 
     def oracle_relative_macs(self) -> float:
