@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO_ROOT, requires_shared
 from hf_tinysaver.calibration import CascadeSimulation, ExitRecords, InfeasibleTargetError, search_exit_thresholds
 from hf_tinysaver.calibration.chain import ChainSimulation
 from hf_tinysaver.models.confidence import first_exit
@@ -266,3 +267,70 @@ def test_docstring_examples_run():
     runner.run(doctest.DocTestParser().get_doctest(text, {}, "ChainSimulation", None, 0))
     summary = runner.summarize(verbose=False)
     assert summary.attempted > 0 and summary.failed == 0
+
+
+@pytest.mark.slow
+@requires_shared("datasets/cifar10-jpeg", "models/cifar10-resnet/resnet20-12fca82f.th")
+def test_real_cifar_three_stage_chain_equals_a_sequential_forward(shared_dir):
+    """ResNet-20 -> ResNet-32 -> ResNet-56 on CIFAR-10 `test[:1000]`: calibrated from cached records, then run stage
+    by stage with torch on exactly the images that reach each stage, with `first_exit`."""
+    from hf_tinysaver.models.confidence import compute_confidence
+    from hf_tinysaver.models.image_processing_tinysaver import TinySaverImageProcessor
+    from hf_tinysaver.records import record
+    from hf_tinysaver.sources import load_dataset_split
+    from hf_tinysaver.zoo import load_zoo_model
+
+    torch.set_num_threads(1)
+    names = ["cifar10-resnet20", "cifar10-resnet32", "cifar10-resnet56"]
+    models = [load_zoo_model(name, shared_dir) for name in names]
+    processors = [TinySaverImageProcessor(preprocessing=model.config.preprocessing) for model in models]
+    dataset = load_dataset_split("cifar10", "test[:1000]", assets=shared_dir)
+    cache_dir = REPO_ROOT / ".cache" / "records"  # git-ignored; a second run only calibrates
+    records = [
+        record(model, processor, dataset, split="test[:1000]", batch_size=250, cache_dir=cache_dir, progress=False)
+        for model, processor in zip(models, processors, strict=True)
+    ]
+    base_macs = models[-1].config.macs
+    stage_macs = [model.config.macs / base_macs for model in models[:-1]]
+    labels = records[-1].labels
+    chain = ChainSimulation.from_logits([r.logits for r in records[:-1]], records[-1].logits, labels, stage_macs)
+
+    def forward(thresholds):
+        """The chain run for real: each stage on the images no earlier stage answered."""
+        answers = np.full(len(dataset), -1)
+        stage_of = np.full(len(dataset), len(models) - 1)
+        spent = 0.0
+        remaining = np.arange(len(dataset))
+        for stage, (model, processor) in enumerate(zip(models, processors, strict=True)):
+            if len(remaining) == 0:
+                break
+            logits = []
+            for start in range(0, len(remaining), 100):
+                images = dataset.select(remaining[start : start + 100].tolist())["image"]
+                with torch.no_grad():
+                    logits.append(model(**processor(images=images, return_tensors="pt")).logits)
+            logits = torch.cat(logits)
+            spent += len(remaining) * model.config.macs
+            if stage == len(models) - 1:
+                answers[remaining] = logits.argmax(-1).numpy()
+                break
+            confidence = compute_confidence(logits)[:, None]
+            leaves = first_exit(confidence, [thresholds[stage]]).numpy() == 0
+            answers[remaining[leaves]] = logits.argmax(-1).numpy()[leaves]
+            stage_of[remaining[leaves]] = stage
+            remaining = remaining[~leaves]
+        exit_rates = (np.bincount(stage_of, minlength=len(models)) / len(dataset)).tolist()
+        return float(np.mean(answers == labels)), exit_rates, spent / len(dataset) / base_macs
+
+    results = [
+        chain.calibrate("max-drop", max_drop=0.0),
+        chain.calibrate("max-drop", max_drop=1.0),
+        chain.calibrate("budget", relative_macs=0.5),
+        chain.calibrate("max-drop", max_drop=1.0, confidence_level=0.9),
+    ]
+    for result in results:
+        accuracy, exit_rates, relative_macs = forward(result.thresholds)
+        assert accuracy == result.accuracy and exit_rates == result.exit_rates
+        assert relative_macs == pytest.approx(result.relative_macs, rel=1e-12)
+    # Both savers answer some images at a 1-point drop, and the chain saves against the base.
+    assert min(results[1].exit_rates[:2]) > 0 and results[1].relative_macs < 0.6
