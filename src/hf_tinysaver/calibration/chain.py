@@ -203,20 +203,47 @@ class ChainSimulation:
                 self.stages.append(CascadeSimulation(confidence, prediction, base_predictions, labels, macs))
             except ValueError as error:
                 raise ValueError(f"Stage {index + 1} of {num_savers}: {error}") from None
+        self._init_from_stages(self.stages)
+
+    def _init_from_stages(self, stages: Sequence[CascadeSimulation]) -> None:
+        self.stages = list(stages)
         lengths = [stage.n for stage in self.stages]
         if len(set(lengths)) != 1:
             raise ValueError(f"Every stage needs the same images; got {lengths} samples per stage.")
         first = self.stages[0]
+        for index, stage in enumerate(self.stages[1:], start=2):
+            same_labels = (stage.labels is None) == (first.labels is None) and (
+                stage.labels is None or np.array_equal(stage.labels, first.labels)
+            )
+            if not (np.array_equal(stage.base_predictions, first.base_predictions) and same_labels):
+                raise ValueError(f"Stage {index} was simulated against other base predictions or labels than stage 1.")
         self.base_predictions, self.labels = first.base_predictions, first.labels
-        self.stage_macs = stage_macs
+        self.stage_macs = [stage.relative_saver_macs for stage in self.stages]
         self.confidences = np.stack([stage.confidence for stage in self.stages], axis=1)
         self.predictions = np.stack([stage.saver_predictions for stage in self.stages] + [self.base_predictions], 1)
         # Saving (base units) when an image leaves at stage k instead of reaching the base: the later stages' MACs.
         savings = [1.0]
-        for macs in reversed(stage_macs[1:]):
+        for macs in reversed(self.stage_macs[1:]):
             savings.insert(0, macs + savings[0])
         self._savings = np.asarray(savings, dtype=np.float64)
-        self._full_cost = sum(stage_macs) + 1.0
+        self._full_cost = sum(self.stage_macs) + 1.0
+
+    @classmethod
+    def from_stages(cls, stages: Sequence[CascadeSimulation]) -> ChainSimulation:
+        """The chain of several two-model simulations against one base (their curves, already cached, are reused).
+
+        Args:
+            stages: One [`CascadeSimulation`] per saver, the first stage first, all with the same base predictions
+                and labels; each one's `relative_saver_macs` is that stage's MACs relative to the base.
+
+        Returns:
+            The simulation.
+        """
+        if len(stages) < 1:
+            raise ValueError("A chain needs at least one saver before the base.")
+        chain = cls.__new__(cls)
+        chain._init_from_stages(stages)
+        return chain
 
     @classmethod
     def from_logits(
@@ -407,9 +434,10 @@ class ChainSimulation:
                 else:
                     values = reach & arrays[name][None, :, last_index]
                 table = np.zeros((rows, self.n + 1), dtype=np.int32)
-                np.cumsum(values, axis=1, dtype=np.int32, out=table[:, 1:])
+                # torch's cumsum is about 3x numpy's here; integers, so the counts are exact either way.
+                table[:, 1:] = torch.cumsum(torch.from_numpy(values), dim=1, dtype=torch.int32).numpy()
                 last[name] = table if all_positions else table[:, positions]
-            yield chunk, lead, last
+            yield chunk, lead, last, reach
 
     def _leading_candidates(self, objective: str, parameters: dict, grid_size: int | None) -> list[np.ndarray]:
         """Candidate cut indices per leading stage (into that stage's curve), sorted."""
@@ -465,8 +493,8 @@ class ChainSimulation:
             for k in range(leading):
                 leading_exits[:, k] = curves[k].exited[rows[:, k]]
             keys, columns = [], []
-            for _, lead, last in self._tables(leading_exits, quantities):
-                chunk_keys, chunk_columns = pick(lead, last)  # keys (rows, keys) to minimise; column or -1
+            for _, lead, last, reach in self._tables(leading_exits, quantities):
+                chunk_keys, chunk_columns = pick(lead, last, reach)  # keys (rows, keys) to minimise; column or -1
                 keys.append(chunk_keys)
                 columns.append(chunk_columns)
             return np.concatenate(keys), np.concatenate(columns)
@@ -508,6 +536,10 @@ class ChainSimulation:
         if best is None:
             return None
         _, row, column = best
+        # Among the last saver's cuts that exit the same images reaching it, the highest threshold.
+        row_exits = np.asarray([[curves[k].exited[row[k]] for k in range(leading)]], dtype=np.int64)
+        exits_of_row = next(self._tables(row_exits.reshape(1, leading), ("exits",)))[2]["exits"][0]
+        column = int(np.argmax(exits_of_row == exits_of_row[column]))
         thresholds = [curves[k].thresholds[row[k]] for k in range(leading)] + [curves[-1].thresholds[column]]
         return self._result(objective, thresholds, tried, parameters)
 
@@ -552,14 +584,18 @@ class ChainSimulation:
             raise ValueError(f"The {objective!r} objective needs labels; or use 'agreement', 'exit-rate' or 'budget'.")
 
     @staticmethod
-    def _largest_feasible(feasible: np.ndarray, exits: np.ndarray) -> np.ndarray:
-        """Per row, the first column with the exit count of the last feasible one (-1: none feasible)."""
-        rows = np.arange(len(feasible))
+    def _last_feasible(feasible: np.ndarray) -> np.ndarray:
+        """Per row, the last feasible column (-1: none)."""
         last = feasible.shape[1] - 1 - np.argmax(feasible[:, ::-1], axis=1)
-        any_feasible = feasible.any(axis=1)
-        target = exits[rows, last]
-        first_equal = np.argmax(exits == target[:, None], axis=1)
-        return np.where(any_feasible, first_equal, -1)
+        return np.where(feasible.any(axis=1), last, -1)
+
+    def _reaching_before(self, reach: np.ndarray, columns: np.ndarray, name: str = "exits") -> np.ndarray:
+        """Per row, images reaching the last saver among its `positions[column]` most confident (with `name`)."""
+        positions = self.stages[-1].curve.exited[np.maximum(columns, 0)]
+        inside = reach & (np.arange(self.n)[None, :] < positions[:, None])
+        if name != "exits":
+            inside &= self._last_order[name][None, :, -1]
+        return np.count_nonzero(inside, axis=1)
 
     def _max_drop(self, grid_size, max_drop: float, confidence_level: float | None = None, certificate=None):
         self._require_labels("max-drop")
@@ -571,15 +607,14 @@ class ChainSimulation:
             return self._certified("max-drop", max_drop, confidence_level, certificate, parameters)
         allowed_loss = math.floor(round(max_drop / 100.0 * self.n, 9))
 
-        def pick(lead, last):
-            loss = (lead["harm"] - lead["gain"])[:, None] + (last["harm"] - last["gain"])
-            columns = self._largest_feasible(loss <= allowed_loss, last["exits"])
+        def pick(lead, last, reach):
+            loss = last["loss"]
+            columns = self._last_feasible(loss <= (allowed_loss - lead["loss"])[:, None])
             rows = np.arange(len(columns))
-            safe = np.maximum(columns, 0)
-            savings = lead["savings"] + last["exits"][rows, safe]
-            return np.stack([-savings, loss[rows, safe].astype(np.float64)], axis=1), columns
+            savings = lead["savings"] + self._reaching_before(reach, columns)
+            return np.stack([-savings, (lead["loss"] + loss[rows, np.maximum(columns, 0)])], axis=1), columns
 
-        return self._search("max-drop", pick, ("exits", "harm", "gain"), parameters, grid_size)
+        return self._search("max-drop", pick, ("loss",), parameters, grid_size)
 
     def _agreement(self, grid_size, max_disagreement: float, confidence_level: float | None = None):
         max_disagreement = check_number(
@@ -590,15 +625,14 @@ class ChainSimulation:
             return self._certified("agreement", max_disagreement, confidence_level, None, parameters)
         allowed = math.floor(round(max_disagreement * self.n, 9))
 
-        def pick(lead, last):
+        def pick(lead, last, reach):
             disagreements = lead["dis"][:, None] + last["dis"]
-            columns = self._largest_feasible(disagreements <= allowed, last["exits"])
+            columns = self._last_feasible(disagreements <= allowed)
             rows = np.arange(len(columns))
-            safe = np.maximum(columns, 0)
-            savings = lead["savings"] + last["exits"][rows, safe]
-            return np.stack([-savings, disagreements[rows, safe].astype(np.float64)], axis=1), columns
+            savings = lead["savings"] + self._reaching_before(reach, columns)
+            return np.stack([-savings, disagreements[rows, np.maximum(columns, 0)]], axis=1), columns
 
-        return self._search("agreement", pick, ("exits", "dis"), parameters, grid_size)
+        return self._search("agreement", pick, ("dis",), parameters, grid_size)
 
     @staticmethod
     def _first_feasible(feasible: np.ndarray) -> np.ndarray:
@@ -619,7 +653,7 @@ class ChainSimulation:
         needed = round((self._full_cost - relative_macs) * self.n, 9)
         tolerance = 1e-9 * max(self.n, 1)
 
-        def pick(lead, last):
+        def pick(lead, last, reach):
             savings = lead["savings"][:, None] + last["exits"]
             columns = self._first_feasible(savings >= needed - tolerance)
             rows = np.arange(len(columns))
@@ -637,7 +671,7 @@ class ChainSimulation:
         needed = count_for_rate(exit_rate, self.n)
         parameters = {"target_exit_rate": float(exit_rate)}
 
-        def pick(lead, last):
+        def pick(lead, last, reach):
             exits = lead["exits"][:, None] + last["exits"]
             columns = self._first_feasible(exits >= needed)
             rows = np.arange(len(columns))
