@@ -16,8 +16,9 @@ The search ([`ChainSimulation.calibrate`]) picks all `K - 1` thresholds together
   cut points at once, and the objective picks its best cut exactly (`O(n)` per leading setting).
 - **Leading stages.** Every cut point of a leading stage is tried when there are at most `grid_size` of them (for
   `K = 3` that is the exact optimum over all thresholds); otherwise `grid_size` cut points evenly spaced in exit
-  count, plus the special points below, then every cut point between the best one's neighbours (a local refinement
-  per leading stage). Cost for `K = 3`: one sort per stage plus `O(G * n)`, G the number of leading settings tried.
+  count, plus the special points below; then, around each of the `REFINE_SEEDS` best, a local refinement per
+  leading stage (up to `REFINE_POINTS` cuts between the best cut's evaluated neighbours, repeated until every cut in
+  between is evaluated). Cost for `K = 3`: one sort per stage plus `O(G * n)`, G the number of leading settings tried.
 - **Never worse than greedy or a single saver.** The leading candidates always include "nothing exits" (the chain
   is then the cascade of the last saver alone), "everything exits" and the threshold the two-model calibration of
   the first saver alone picks for the same objective; for `max-drop`, also the first thresholds of the sequential
@@ -82,7 +83,8 @@ CHAIN_OBJECTIVES = ("max-drop", "exit-rate", "budget", "agreement")
 CHAIN_CERTIFICATE_LAGS = (0, 25, -25, 50, -50, 100, -100, 200, -200)
 
 DEFAULT_GRID_SIZE = 256
-REFINE_POINTS = 32
+REFINE_POINTS = 16
+REFINE_SEEDS = 3
 _CHUNK_ROWS = 64
 
 
@@ -499,23 +501,16 @@ class ChainSimulation:
                 columns.append(chunk_columns)
             return np.concatenate(keys), np.concatenate(columns)
 
-        def choose(rows: np.ndarray):
+        def choose(rows: np.ndarray, top: int = 1):
+            """The `top` best rows (fewer when fewer are feasible), best first, as (key, row, column)."""
             keys, columns = best_of(rows)
             feasible = np.flatnonzero(columns >= 0)
-            if len(feasible) == 0:
-                return None
-            order = np.lexsort(keys[feasible].T[::-1])
-            best = feasible[order[0]]
-            return keys[best], rows[best], int(columns[best])
+            order = feasible[np.lexsort(keys[feasible].T[::-1])]
+            return [(tuple(keys[i]), rows[i], int(columns[i])) for i in order[:top]]
 
-        if leading:
-            rows = np.array(list(itertools.product(*candidates)), dtype=np.int64)
-        else:
-            rows = np.zeros((1, 0), dtype=np.int64)
-        best = choose(rows)
-        if best is not None and leading:
-            # Local refinement, one leading stage at a time: between the best cut's evaluated neighbours, up to
-            # REFINE_POINTS evenly spaced cuts, again around the new best, until every cut in between is evaluated.
+        def refine(best):
+            """Local refinement, one leading stage at a time: between the best cut's evaluated neighbours, up to
+            REFINE_POINTS evenly spaced cuts, again around the new best, until every cut in between is evaluated."""
             for k in range(leading):
                 evaluated = set(candidates[k].tolist())
                 while True:
@@ -531,8 +526,20 @@ class ChainSimulation:
                     refined_rows = np.repeat(best[1][None, :], len(local), axis=0)
                     refined_rows[:, k] = local
                     refined = choose(refined_rows)
-                    if refined is not None and tuple(refined[0]) < tuple(best[0]):
-                        best = refined
+                    if refined and refined[0][0] < best[0]:
+                        best = refined[0]
+            return best
+
+        if leading:
+            rows = np.array(list(itertools.product(*candidates)), dtype=np.int64)
+        else:
+            rows = np.zeros((1, 0), dtype=np.int64)
+        seeds = choose(rows, top=REFINE_SEEDS if leading else 1)
+        best = None
+        for seed in seeds:  # the objective is not unimodal in the leading cuts: refine around several
+            refined = refine(seed) if leading else seed
+            if best is None or refined[0] < best[0]:
+                best = refined
         if best is None:
             return None
         _, row, column = best
