@@ -365,6 +365,8 @@ class ChainSimulation:
             rank = np.empty(self.n, dtype=np.int64)
             rank[np.argsort(-self.confidences[:, k], kind="stable")] = np.arange(self.n)
             arrays[f"rank{k}"] = rank[order]
+        # The last saver's tie group at each sorted position: its cut point `c` exits the groups before `c`.
+        arrays["group"] = np.searchsorted(self.stages[-1].curve.exited, np.arange(self.n), side="right") - 1
         disagree = self.predictions[:, :-1] != self.base_predictions[:, None]
         arrays["dis"] = disagree[order]
         if self.labels is not None:
@@ -590,19 +592,34 @@ class ChainSimulation:
         if self.labels is None:
             raise ValueError(f"The {objective!r} objective needs labels; or use 'agreement', 'exit-rate' or 'budget'.")
 
-    @staticmethod
-    def _last_feasible(feasible: np.ndarray) -> np.ndarray:
-        """Per row, the last feasible column (-1: none)."""
-        last = feasible.shape[1] - 1 - np.argmax(feasible[:, ::-1], axis=1)
-        return np.where(feasible.any(axis=1), last, -1)
+    def _last_feasible_rows(self, lead, reach, name: str, allowed: int):
+        """Per row, the last cut of the last saver at which `lead[name]` plus the count of `name` among the images
+        reaching it and exiting there is at most `allowed` (-1: none); keys `(-savings, count)`.
 
-    def _reaching_before(self, reach: np.ndarray, columns: np.ndarray, name: str = "exits") -> np.ndarray:
-        """Per row, images reaching the last saver among its `positions[column]` most confident (with `name`)."""
-        positions = self.stages[-1].curve.exited[np.maximum(columns, 0)]
-        inside = reach & (np.arange(self.n)[None, :] < positions[:, None])
-        if name != "exits":
-            inside &= self._last_order[name][None, :, -1]
-        return np.count_nonzero(inside, axis=1)
+        Row by row over the images reaching the last saver only (a cumulative sum over them, read at the end of each
+        of their tie groups): counts only change at those groups, so the cuts between them form segments.
+        """
+        arrays = self._last_order
+        values, groups = arrays[name][:, -1], arrays["group"]
+        last_column = len(self.stages[-1].curve) - 1
+        keys = np.zeros((len(reach), 2))
+        columns = np.full(len(reach), -1, dtype=np.int64)
+        for r in range(len(reach)):
+            positions = np.flatnonzero(reach[r])
+            cumulative = np.cumsum(values[positions], dtype=np.int64)
+            group = groups[positions]
+            ends = np.flatnonzero(np.append(group[1:] != group[:-1], True)) if len(positions) else positions
+            # Segment 0: cuts 0 .. first group (nothing of these exits); segment i: after the i-th group's end.
+            totals = lead[name][r] + np.concatenate([[0], cumulative[ends]])
+            segment_end = np.append(group[ends], last_column) if len(ends) else np.array([last_column])
+            exits = np.concatenate([[0], ends + 1])
+            feasible = np.flatnonzero(totals <= allowed)
+            if len(feasible) == 0:
+                continue
+            segment = feasible[-1]
+            columns[r] = segment_end[segment]
+            keys[r] = (-(lead["savings"][r] + exits[segment]), totals[segment])
+        return keys, columns
 
     def _max_drop(self, grid_size, max_drop: float, confidence_level: float | None = None, certificate=None):
         self._require_labels("max-drop")
@@ -615,13 +632,9 @@ class ChainSimulation:
         allowed_loss = math.floor(round(max_drop / 100.0 * self.n, 9))
 
         def pick(lead, last, reach):
-            loss = last["loss"]
-            columns = self._last_feasible(loss <= (allowed_loss - lead["loss"])[:, None])
-            rows = np.arange(len(columns))
-            savings = lead["savings"] + self._reaching_before(reach, columns)
-            return np.stack([-savings, (lead["loss"] + loss[rows, np.maximum(columns, 0)])], axis=1), columns
+            return self._last_feasible_rows(lead, reach, "loss", allowed_loss)
 
-        return self._search("max-drop", pick, ("loss",), parameters, grid_size)
+        return self._search("max-drop", pick, (), parameters, grid_size)
 
     def _agreement(self, grid_size, max_disagreement: float, confidence_level: float | None = None):
         max_disagreement = check_number(
@@ -633,13 +646,9 @@ class ChainSimulation:
         allowed = math.floor(round(max_disagreement * self.n, 9))
 
         def pick(lead, last, reach):
-            disagreements = lead["dis"][:, None] + last["dis"]
-            columns = self._last_feasible(disagreements <= allowed)
-            rows = np.arange(len(columns))
-            savings = lead["savings"] + self._reaching_before(reach, columns)
-            return np.stack([-savings, disagreements[rows, np.maximum(columns, 0)]], axis=1), columns
+            return self._last_feasible_rows(lead, reach, "dis", allowed)
 
-        return self._search("agreement", pick, ("dis",), parameters, grid_size)
+        return self._search("agreement", pick, (), parameters, grid_size)
 
     @staticmethod
     def _first_feasible(feasible: np.ndarray) -> np.ndarray:
