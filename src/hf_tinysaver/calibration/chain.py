@@ -12,8 +12,9 @@ The search ([`ChainSimulation.calibrate`]) picks all `K - 1` thresholds together
   ([`CascadeSimulation.curve`]: one per tie group, placed midway between neighbouring confidences, plus "nothing
   exits"). Every threshold vector is equivalent, on these images, to one of these.
 - **Exact last stage.** For each setting of the leading thresholds `t_1 .. t_{K-2}`, the images reaching the last
-  saver are fixed; one cumulative sum over that saver's descending confidences gives the counts of every one of its
-  cut points at once, and the objective picks its best cut exactly (`O(n)` per leading setting).
+  saver are fixed; one cumulative sum over them, in that saver's descending confidence order, gives the counts of
+  every one of its cut points at once, and the objective picks its best cut exactly (`O(n)` per leading setting;
+  `max-drop` and `agreement` sum over the reaching images only, `budget` and `exit-rate` over a table of all cuts).
 - **Leading stages.** Every cut point of a leading stage is tried when there are at most `grid_size` of them (for
   `K = 3` that is the exact optimum over all thresholds); otherwise `grid_size` cut points evenly spaced in exit
   count, plus the special points below; then, around each of the `REFINE_SEEDS` best, a local refinement per
