@@ -384,19 +384,16 @@ class ChainSimulation:
         (its cut points: `confidence > threshold`) among those still running: the rule of [`first_exit`], vectorized
         over many settings at once (tests check it against `first_exit`).
         """
-        arrays = self._last_order
-        reach = np.ones((len(leading_exits), self.n), dtype=bool)
-        for k in range(self.num_savers - 1):
-            reach &= arrays[f"rank{k}"][None, :] >= leading_exits[:, k : k + 1]
-        return reach
+        leading_exits = np.asarray(leading_exits, dtype=np.int64).reshape(-1, self.num_savers - 1)
+        return np.concatenate([part[3] for part in self._tables(leading_exits, ())])
 
     def _tables(self, leading_exits: np.ndarray, quantities: Sequence[str], positions: np.ndarray | None = None):
-        """Yields, per chunk of rows of leading exit counts, `(chunk, lead, last)`.
+        """Yields, per chunk of rows of leading exit counts, `(chunk, lead, last, reach)`: the vectorized exit rule.
 
         `lead[q]` is `(rows,)`: the quantity over images leaving at a leading stage (`"exits"`, `"harm"`, `"gain"`,
         `"loss"` = harm - gain, `"dis"`), plus `"savings"` (base units summed over images). `last[q]` is
         `(rows, len(positions))`: column `j` counts over the `positions[j]` most confident images of the last saver
-        among those reaching it (`positions` default: the last saver's cut points).
+        among those reaching it (`positions` default: the last saver's cut points). `reach` is [`reaching_last`].
         """
         arrays = self._last_order
         last_index = self.num_savers - 1
