@@ -13,8 +13,8 @@ The search ([`ChainSimulation.calibrate`]) picks all `K - 1` thresholds together
   exits"). Every threshold vector is equivalent, on these images, to one of these.
 - **Exact last stage.** For each setting of the leading thresholds `t_1 .. t_{K-2}`, the images reaching the last
   saver are fixed; one cumulative sum over them, in that saver's descending confidence order, gives the counts of
-  every one of its cut points at once, and the objective picks its best cut exactly (`O(n)` per leading setting;
-  `max-drop` and `agreement` sum over the reaching images only, `budget` and `exit-rate` over a table of all cuts).
+  every one of its cut points at once (read at the ends of their tie groups), and the objective picks its best cut
+  exactly (`O(n)` per leading setting; a bisection on the count for `budget` and `exit-rate`).
 - **Leading stages.** Every cut point of a leading stage is tried when there are at most `grid_size` of them (for
   `K = 3` that is the exact optimum over all thresholds); otherwise `grid_size` cut points evenly spaced in exit
   count, plus the special points below; then, around each of the `REFINE_SEEDS` best, a local refinement per
@@ -648,9 +648,33 @@ class ChainSimulation:
 
         return self._search("agreement", pick, (), parameters, grid_size)
 
-    @staticmethod
-    def _first_feasible(feasible: np.ndarray) -> np.ndarray:
-        return np.where(feasible.any(axis=1), np.argmax(feasible, axis=1), -1)
+    def _first_reaching_rows(self, reach, enough):
+        """Per row, the first cut of the last saver at which `enough(row, count)` holds, `count` the images reaching
+        it that exit there (non-decreasing along the cuts); with that count and their disagreements with the base.
+
+        Returns `(columns, counts, disagreements)`; column -1 where no cut is enough.
+        """
+        arrays = self._last_order
+        groups, disagree = arrays["group"], arrays["dis"][:, -1]
+        columns = np.full(len(reach), -1, dtype=np.int64)
+        counts = np.zeros(len(reach), dtype=np.int64)
+        disagreements = np.zeros(len(reach), dtype=np.int64)
+        for r in range(len(reach)):
+            positions = np.flatnonzero(reach[r])
+            if enough(r, 0):
+                columns[r] = 0
+                continue
+            if not enough(r, len(positions)):
+                continue
+            low, high = 0, len(positions)  # enough(high) and not enough(low): bisect on the count
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if enough(r, middle) else (middle, high)
+            group = groups[positions[high - 1]]  # the group of the last image needed: the whole group exits
+            count = int(np.searchsorted(groups[positions], group, side="right"))
+            columns[r], counts[r] = group + 1, count
+            disagreements[r] = np.count_nonzero(disagree[positions[:count]])
+        return columns, counts, disagreements
 
     def _budget(self, grid_size, relative_macs: float):
         relative_macs = check_number(
@@ -668,14 +692,14 @@ class ChainSimulation:
         tolerance = 1e-9 * max(self.n, 1)
 
         def pick(lead, last, reach):
-            savings = lead["savings"][:, None] + last["exits"]
-            columns = self._first_feasible(savings >= needed - tolerance)
-            rows = np.arange(len(columns))
-            safe = np.maximum(columns, 0)
-            disagreements = lead["dis"] + last["dis"][rows, safe]
-            return np.stack([disagreements.astype(np.float64), savings[rows, safe]], axis=1), columns
+            def enough(row, count):
+                return lead["savings"][row] + count >= needed - tolerance
 
-        result = self._search("budget", pick, ("exits", "dis"), parameters, grid_size)
+            columns, exits, disagreements = self._first_reaching_rows(reach, enough)
+            savings = lead["savings"] + exits
+            return np.stack([(lead["dis"] + disagreements).astype(np.float64), savings], axis=1), columns
+
+        result = self._search("budget", pick, (), parameters, grid_size)
         if result is None:  # a budget between the first saver's cost and what the candidates reach
             raise InfeasibleTargetError(f"No candidate setting meets a budget of {relative_macs} relative MACs.")
         return result
@@ -686,18 +710,14 @@ class ChainSimulation:
         parameters = {"target_exit_rate": float(exit_rate)}
 
         def pick(lead, last, reach):
-            exits = lead["exits"][:, None] + last["exits"]
-            columns = self._first_feasible(exits >= needed)
-            rows = np.arange(len(columns))
-            safe = np.maximum(columns, 0)
-            keys = [
-                exits[rows, safe],
-                lead["dis"] + last["dis"][rows, safe],
-                -(lead["savings"] + last["exits"][rows, safe]),
-            ]
+            def enough(row, count):
+                return lead["exits"][row] + count >= needed
+
+            columns, exits, disagreements = self._first_reaching_rows(reach, enough)
+            keys = [lead["exits"] + exits, lead["dis"] + disagreements, -(lead["savings"] + exits)]
             return np.stack(keys, axis=1).astype(np.float64), columns
 
-        return self._search("exit-rate", pick, ("exits", "dis"), parameters, grid_size)
+        return self._search("exit-rate", pick, (), parameters, grid_size)
 
     # --- certified objectives ---------------------------------------------------------------------------------------
 
