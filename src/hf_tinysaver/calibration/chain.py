@@ -359,12 +359,12 @@ class ChainSimulation:
     def _last_order(self) -> dict[str, np.ndarray]:
         """Per-image arrays permuted into the last saver's descending confidence order (ties in image order)."""
         last_index = self.num_savers - 1
-        order = np.argsort(-self.confidences[:, last_index], kind="stable")
+        order = self.stages[last_index].sorted_order
         arrays = {"order": order}
         # rank_k: position of each image in stage k's own descending order (stage k exits its top e_k images).
         for k in range(last_index):
             rank = np.empty(self.n, dtype=np.int64)
-            rank[np.argsort(-self.confidences[:, k], kind="stable")] = np.arange(self.n)
+            rank[self.stages[k].sorted_order] = np.arange(self.n)
             arrays[f"rank{k}"] = rank[order]
         # The last saver's tie group at each sorted position: its cut point `c` exits the groups before `c`.
         arrays["group"] = np.searchsorted(self.stages[-1].curve.exited, np.arange(self.n), side="right") - 1
@@ -602,15 +602,21 @@ class ChainSimulation:
         last_column = len(self.stages[-1].curve) - 1
         keys = np.zeros((len(reach), 2))
         columns = np.full(len(reach), -1, dtype=np.int64)
+        distinct = last_column == self.n  # no ties: every image is its own group, and group == position
         for r in range(len(reach)):
             positions = np.flatnonzero(reach[r])
-            cumulative = np.cumsum(values[positions], dtype=np.int64)
-            group = groups[positions]
-            ends = np.flatnonzero(np.append(group[1:] != group[:-1], True)) if len(positions) else positions
+            cumulative = np.zeros(len(positions) + 1, dtype=np.int64)
+            np.cumsum(values[positions], out=cumulative[1:])
             # Segment 0: cuts 0 .. first group (nothing of these exits); segment i: after the i-th group's end.
-            totals = lead[name][r] + np.concatenate([[0], cumulative[ends]])
-            segment_end = np.append(group[ends], last_column) if len(ends) else np.array([last_column])
-            exits = np.concatenate([[0], ends + 1])
+            if distinct:
+                totals, exits = lead[name][r] + cumulative, np.arange(len(positions) + 1)
+                segment_end = np.append(positions, last_column)
+            else:
+                group = groups[positions]
+                ends = np.flatnonzero(np.append(group[1:] != group[:-1], True)) if len(positions) else positions
+                totals = lead[name][r] + cumulative[np.append(0, ends + 1)]
+                segment_end = np.append(group[ends], last_column)
+                exits = np.append(0, ends + 1)
             feasible = np.flatnonzero(totals <= allowed)
             if len(feasible) == 0:
                 continue

@@ -336,6 +336,11 @@ class CascadeSimulation:
         return None if self._correctness is None else float(self._correctness[0].mean())
 
     @cached_property
+    def sorted_order(self) -> np.ndarray:
+        """Sample indices by descending confidence, ties in sample order (cached; `sorted_counts` follows it)."""
+        return np.argsort(-self.confidence, kind="stable")
+
+    @cached_property
     def sorted_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """The samples in descending confidence, with cumulative counts in that order (cached).
 
@@ -345,7 +350,7 @@ class CascadeSimulation:
             (the ones that exit when exactly they do). Row 0 counts saver/base disagreements; with labels, row 1
             the harms (base right, saver wrong) and row 2 the gains (saver right, base wrong).
         """
-        order = np.argsort(-self.confidence, kind="stable")
+        order = self.sorted_order
         columns = [self.saver_predictions[order] != self.base_predictions[order]]
         if self._correctness is not None:
             saver_correct, base_correct = self._correctness[0][order], self._correctness[1][order]
