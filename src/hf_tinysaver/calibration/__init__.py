@@ -7,6 +7,8 @@ from .certification import *  # noqa: F403
 from .certification import __all__ as _certification_all
 from .chain import *  # noqa: F403
 from .chain import __all__ as _chain_all
+from .chain_search import *  # noqa: F403
+from .chain_search import __all__ as _chain_search_all
 from .checks import *  # noqa: F403
 from .checks import __all__ as _checks_all
 from .multi_exit import *  # noqa: F403
@@ -19,6 +21,7 @@ from .simulation import __all__ as _simulation_all
 __all__ = sorted(
     set(_bounds_all)
     | set(_chain_all)
+    | set(_chain_search_all)
     | set(_certification_all)
     | set(_checks_all)
     | set(_multi_exit_all)
