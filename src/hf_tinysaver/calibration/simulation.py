@@ -96,7 +96,7 @@ def _threshold_between(higher: np.ndarray, lower: np.ndarray) -> np.ndarray:
     return np.where(midpoint < higher, midpoint, lower)
 
 
-def _count_for_rate(rate: float, n: int) -> int:
+def count_for_rate(rate: float, n: int) -> int:
     """Smallest sample count whose share of `n` is at least `rate`, robust to the float error of `rate * n`."""
     return max(0, math.ceil(round(rate * n, 9)))
 
@@ -336,6 +336,11 @@ class CascadeSimulation:
         return None if self._correctness is None else float(self._correctness[0].mean())
 
     @cached_property
+    def sorted_order(self) -> np.ndarray:
+        """Sample indices by descending confidence, ties in sample order (cached; `sorted_counts` follows it)."""
+        return np.argsort(-self.confidence, kind="stable")
+
+    @cached_property
     def sorted_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """The samples in descending confidence, with cumulative counts in that order (cached).
 
@@ -345,7 +350,7 @@ class CascadeSimulation:
             (the ones that exit when exactly they do). Row 0 counts saver/base disagreements; with labels, row 1
             the harms (base right, saver wrong) and row 2 the gains (saver right, base wrong).
         """
-        order = np.argsort(-self.confidence, kind="stable")
+        order = self.sorted_order
         columns = [self.saver_predictions[order] != self.base_predictions[order]]
         if self._correctness is not None:
             saver_correct, base_correct = self._correctness[0][order], self._correctness[1][order]
@@ -638,7 +643,7 @@ class CascadeSimulation:
 
     def _exit_rate(self, exit_rate: float) -> CalibrationResult:
         exit_rate = check_number("exit_rate", exit_rate, 0.0, 1.0, meaning="a fraction of samples")
-        point = int(np.searchsorted(self.curve.exited, _count_for_rate(exit_rate, self.n)))
+        point = int(np.searchsorted(self.curve.exited, count_for_rate(exit_rate, self.n)))
         return self._result("exit-rate", point, target_exit_rate=float(exit_rate))
 
     def _budget(self, relative_macs: float) -> CalibrationResult:
@@ -655,7 +660,7 @@ class CascadeSimulation:
                 f"point: {nearest.describe()}. Raise the budget to at least {self.relative_saver_macs:.4g} or pick a "
                 "smaller saver."
             )
-        required = _count_for_rate(min(max(required_exit_rate, 0.0), 1.0), self.n)
+        required = count_for_rate(min(max(required_exit_rate, 0.0), 1.0), self.n)
         return self._result("budget", int(np.searchsorted(self.curve.exited, required)), **params)
 
     def oracle_relative_macs(self) -> float:
