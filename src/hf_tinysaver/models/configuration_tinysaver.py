@@ -18,7 +18,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from .confidence import CONFIDENCE_METRICS
 
-TINYSAVER_VERSION = "0.1.0"
+TINYSAVER_VERSION = "0.2.0"
 
 # Sub-model configs whose code a loaded cascade's folder carries (e.g. the CIFAR ResNets, written there by
 # `save_pretrained` only for cascades that hold one), by model type, as resolved from that folder.
