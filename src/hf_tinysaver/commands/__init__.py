@@ -118,14 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     `tinysaver: interrupted` and returns 130. With `--debug` (or `TINYSAVER_DEBUG=1`) errors propagate with their
     traceback. Argument errors are argparse's own (usage, then `tinysaver <command>: error: ...`, exit 2).
     """
+    from ..provenance import running_command
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "progress", True) is False:
         disable_progress_bars()
+    command = ["tinysaver", *(sys.argv[1:] if argv is None else argv)]
     if args.debug:
-        return int(args.func(args) or 0)
+        with running_command(command):
+            return int(args.func(args) or 0)
     try:
-        return int(args.func(args) or 0)
+        with running_command(command):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("tinysaver: interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from ..calibration.simulation import DEFAULT_CERTIFICATE, CalibrationResult, Cas
 from ..labels import dataset_labels, warn_label_order
 from ..models.image_processing_tinysaver import TinySaverImageProcessor
 from ..models.modeling_tinysaver import TinySaverForImageClassification
+from ..provenance import PROVENANCE_KEY, model_provenance
 from ..records import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -238,6 +239,7 @@ def calibrate_cascade(
             "base": cascade.config.base_config._name_or_path or None,
             "oracle_relative_macs": simulation.oracle_relative_macs(),
             **drift_reference(simulation, result.threshold),
+            PROVENANCE_KEY: model_provenance(cascade),
         }
     ).to_dict()
     return result, simulation
@@ -429,7 +431,9 @@ def evaluate_cascade(
 
     Returns:
         A dict with `accuracy`, `base_accuracy`, `exit_rate`, `agreement`, `relative_macs` (MACs actually spent / base
-        MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split), `images_per_second` (cascade forward passes), `n`, `threshold` and the simulated figures.
+        MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split),
+        `images_per_second` (cascade forward passes), `n`, `threshold`, the simulated figures and `provenance`
+        (versions, device, hardware, dtype, threads and command: [`~hf_tinysaver.provenance.provenance`]).
     """
     from accelerate.utils import gather_object
     from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -519,6 +523,7 @@ def evaluate_cascade(
             and simulated.accuracy is not None
             and math.isclose(simulated.accuracy, scores["accuracy"], abs_tol=0)
         ),
+        PROVENANCE_KEY: model_provenance(cascade),
     }
 
 
