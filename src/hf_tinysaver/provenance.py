@@ -50,12 +50,12 @@ def _version(distribution: str) -> str | None:
 
 
 def library_version() -> str:
-    """The installed hf_tinysaver version, or the source's `TINYSAVER_VERSION` where it is not installed."""
-    version = _version("hf_tinysaver")
-    if version is not None:
-        return version
-    from .models.configuration_tinysaver import TINYSAVER_VERSION
-
+    """The version of the hf_tinysaver code that runs (the source's `TINYSAVER_VERSION`), else the installed
+    distribution's."""
+    try:
+        from .models.configuration_tinysaver import TINYSAVER_VERSION
+    except ImportError:  # this file loaded on its own, outside the package (benchmarks/gpu_serving_check.py)
+        return _version("hf_tinysaver") or "unknown"
     return TINYSAVER_VERSION
 
 
