@@ -57,6 +57,18 @@ def test_evaluate_writes_results_with_provenance_and_into_the_folder(tiny_cascad
     assert check_output_folder(folder) == folder
 
 
+def test_save_to_folder_refuses_another_threshold(tiny_cascade_dir, tiny_dataset, capsys, tmp_path):
+    folder = tmp_path / "cascade"
+    shutil.copytree(tiny_cascade_dir, folder)
+    code = tinysaver(
+        ["evaluate", "--model", str(folder), "--dataset", str(tiny_dataset), "--split", "train", "--threshold", "0.99",
+         "--save-to-folder", "--no-progress"]
+    )  # fmt: skip
+    assert code == 2 and not (folder / EVALUATION_FILE).exists()
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "--save-to-folder records how the saved cascade performs at its own threshold" in error
+
+
 def test_save_to_folder_needs_a_local_folder(capsys, tmp_path):
     code = tinysaver(
         ["evaluate", "-m", "someone/cascade", "-d", "cifar10", "--split", "test", "--save-to-folder", "--no-progress"]

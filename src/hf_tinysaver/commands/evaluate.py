@@ -57,6 +57,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "`tinysaver calibrate --out` wrote."
         ) from error
     if args.threshold is not None:
+        if args.save_to_folder and args.threshold != cascade.config.threshold:
+            raise ValueError(
+                f"--save-to-folder records how the saved cascade performs at its own threshold "
+                f"({cascade.config.threshold:.6g}), but --threshold {args.threshold:g} overrides it; drop one of the "
+                "two (use --results-file to keep the results of another threshold)."
+            )
         cascade.config.threshold = args.threshold
     results = evaluate_cascade(cascade, args.dataset, args.split, **data_options(args))
     results["model"] = str(args.model)
