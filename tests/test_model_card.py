@@ -372,3 +372,14 @@ def test_evaluation_on_the_calibration_split_is_not_called_held_out():
     assert "not used to choose the threshold" not in card.text
     assert "ran on the calibration split itself, so it is not held out" in card.text
     assert card.data.eval_results[0].metric_name == "Accuracy of the cascade (on the calibration images)"
+
+
+def test_recorded_origin_keeps_a_missing_local_path_from_becoming_a_hub_id():
+    # `data/my-cifar` reads like a Hub id, but the calibration recorded it as a local folder (not on this machine).
+    card = generate_model_card(
+        full_config(dataset="data/my-cifar", dataset_origin="local", split="test"), lookup_licenses=False
+    )
+    assert card.data.datasets is None and "a local copy of my-cifar" in card.text
+    evaluation = {"accuracy": 0.8, "dataset": "data/my-cifar", "dataset_origin": "local", "split": "test[1:]"}
+    card = generate_model_card(full_config(), evaluation=evaluation, lookup_licenses=False)
+    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "my-cifar"

@@ -183,11 +183,14 @@ _ZOO_DATASET_NAMES = {
 }
 
 
-def describe_dataset(dataset: str | None) -> dict[str, Any]:
+def describe_dataset(dataset: str | None, origin: str | None = None) -> dict[str, Any]:
     """How the card names a dataset argument: `hub_id` only for a real Hub dataset id, never for local data.
 
     A local folder, or a zoo dataset name (`"cifar10"`: the zoo's local JPEG copy, not the Hub's `cifar10`), is
-    named by its `pretty_name` (from its README) and its folder name, and gets no Hub id.
+    named by its `pretty_name` (from its README) and its folder name, and gets no Hub id. `origin` is what the
+    calibration or evaluation recorded the argument to be (`"local"`, `"zoo"`, `"hub"` or `"object"`, see
+    [`~hf_tinysaver.sources.parse_source`]); it wins over guessing, so that a local path that does not exist on the
+    machine that pushes (`data/my-cifar`) is not taken for a Hub id.
 
     Returns:
         A dict with `hub_id` (or `None`), `name` (readable), `type` (the `model-index` dataset type: the Hub id or
@@ -210,7 +213,10 @@ def describe_dataset(dataset: str | None) -> dict[str, Any]:
     from ..zoo.data import ZOO_DATASETS
 
     path = dataset if os.path.exists(dataset) else None
-    if path is None and dataset in ZOO_DATASETS:
+    if origin in ("local", "object") and path is None:
+        folder = os.path.basename(dataset.rstrip("/\\")) or dataset
+        return {"hub_id": None, "name": folder, "type": folder, "local": True}
+    if path is None and dataset in ZOO_DATASETS and origin in (None, "zoo"):
         folder = os.path.basename(ZOO_DATASETS[dataset])
         return {"hub_id": None, "name": _ZOO_DATASET_NAMES.get(dataset, folder), "type": folder, "local": True}
     if path is not None:
@@ -458,7 +464,8 @@ class TinySaverModelCardData(ModelCardData):
                 license_id = _hub_card_license(hub_id)
             values[f"{role}_license"] = license_id
         dataset = calibration.get("dataset") if isinstance(calibration.get("dataset"), str) else None
-        described = describe_dataset(dataset)
+        origin = calibration.get("dataset_origin") if isinstance(calibration.get("dataset_origin"), str) else None
+        described = describe_dataset(dataset, origin)
         values["dataset_id"] = described["hub_id"]
         values["dataset_local"] = described["local"]
         if described["hub_id"] is None and dataset:
@@ -494,9 +501,9 @@ class TinySaverModelCardData(ModelCardData):
 
     def _evaluation_dataset(self) -> dict[str, Any]:
         """How the card names the held-out data: the evaluation's own dataset, else the calibration's."""
-        dataset = self.evaluation.get("dataset")
+        dataset, origin = self.evaluation.get("dataset"), self.evaluation.get("dataset_origin")
         if isinstance(dataset, str) and dataset:
-            return describe_dataset(dataset)
+            return describe_dataset(dataset, origin if isinstance(origin, str) else None)
         return {
             "hub_id": self.dataset_id,
             "name": self.dataset_name or self.dataset_id,

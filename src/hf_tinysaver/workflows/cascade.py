@@ -36,7 +36,14 @@ from ..records import (
     prepare_images,
     record,
 )
-from ..sources import dataset_name, load_dataset_split, load_model, resolve_dataset_source, split_name
+from ..sources import (
+    dataset_name,
+    load_dataset_split,
+    load_model,
+    parse_source,
+    resolve_dataset_source,
+    split_name,
+)
 from ..storage import (
     CALIBRATION_FILE,
     TRADEOFF_CSV_FILE,
@@ -233,6 +240,7 @@ def calibrate_cascade(
             "confidence": cascade.config.confidence,
             "confidence_temperature": cascade.config.confidence_temperature,
             "dataset": dataset_name(dataset),
+            "dataset_origin": parse_source(dataset, "dataset").origin,
             "split": split,
             "shuffle_seed": shuffle_seed,
             "saver": cascade.config.saver_config._name_or_path or None,
@@ -512,6 +520,7 @@ def evaluate_cascade(
         "saver_macs": config.saver_macs,
         "base_macs": config.base_macs,
         "dataset": dataset_name(dataset),
+        "dataset_origin": parse_source(dataset, "dataset").origin,
         "split": split,
         "shuffle_seed": shuffle_seed,
         "processes": state.num_processes,
