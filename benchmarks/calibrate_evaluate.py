@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 from hf_tinysaver.commands import main as tinysaver
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.workflows.cascade import write_json_atomic
 from hf_tinysaver.workflows.demo import DEMO_TASKS
 
@@ -100,6 +102,7 @@ def run(args) -> dict:
             "held_out_drop_within_target": evaluation["accuracy_drop_points"] <= args.max_drop,
         }
         print(f"{args.task} {mode}: {json.dumps(results['runs'][mode])}", flush=True)
+    results[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     write_json_atomic(args.results_file, results)
     return results
 

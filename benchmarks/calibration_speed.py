@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.storage import write_json_atomic
 
 PLAIN_OBJECTIVES = [
@@ -104,6 +106,7 @@ def main() -> None:
         "numpy": np.__version__,
         "torch": torch.__version__,
     }
+    results[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     print(json.dumps(results, indent=2))
     write_json_atomic(args.results_file, results)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverImageProcessor
 from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.records import pair_from_records, record
 from hf_tinysaver.storage import write_json_atomic
 
@@ -121,6 +123,7 @@ def main() -> None:
         "record_seconds": record_seconds,
         "objectives": results,
     }
+    output[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     print(json.dumps(output, indent=2))
     write_json_atomic(args.results_file, output)
 

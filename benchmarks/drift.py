@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from hf_tinysaver.monitor import DriftGuard
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.sources import load_dataset_split
 from hf_tinysaver.storage import write_file_atomic, write_json_atomic
 from hf_tinysaver.workflows.cascade import build_cascade, calibrate_cascade
@@ -346,6 +347,7 @@ def main(argv=None) -> int:
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "seconds": time.perf_counter() - started,
     }
+    results[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     write_json_atomic(args.results_file, results)
     print(f"wrote {args.results_file}", file=sys.stderr)
     return 0

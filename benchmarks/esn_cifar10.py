@@ -25,6 +25,7 @@ import torch
 
 from hf_tinysaver import CifarResNetConfig, CifarResNetForImageClassification, TinySaverESNForImageClassification
 from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.storage import write_json_atomic
 from hf_tinysaver.workflows.esn import cached_exit_features, calibrate_and_evaluate, train_exit_sequence
 
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
             "machine": platform.machine(),
         },
     }
+    output[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     write_json_atomic(args.out, output)
     print(markdown_table(rows))
     print(f"wrote {args.out}")

@@ -51,6 +51,17 @@ def import_remote_code():
     return CifarResNetConfig, CifarResNetForImageClassification, TinySaverForImageClassification
 
 
+def provenance(**kwargs) -> dict:
+    """`hf_tinysaver.provenance.provenance`, loaded from the source file (hf_tinysaver need not be installed)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "src" / "hf_tinysaver" / "provenance.py"
+    spec = importlib.util.spec_from_file_location("tinysaver_provenance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.provenance(**kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tf32", action="store_true", help="Leave cuDNN/matmul TF32 on (PyTorch's conv default).")
@@ -99,6 +110,7 @@ def main() -> None:
         ),
         "streamed_exit_flips": int((streamed_exited != optimized.exited).sum()),
         "streamed_max_abs_diff": float((torch.cat([o.logits for o in streamed]) - optimized.logits).abs().max()),
+        "provenance": provenance(device="cuda", argv=["python", *sys.argv]),
     }
     print(json.dumps(report), flush=True)
 

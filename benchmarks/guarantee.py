@@ -28,6 +28,7 @@ from calibrate_evaluate import SAVERS
 from hf_tinysaver.calibration.bounds import clopper_pearson_lower, clopper_pearson_upper
 from hf_tinysaver.calibration.certification import CERTIFICATE_METHODS, DEFAULT_CERTIFICATE, plan_calibration_size
 from hf_tinysaver.calibration.simulation import CascadeSimulation
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.storage import write_json_atomic
 from hf_tinysaver.workflows.cascade import build_cascade, record_sub_models, simulation_for
 from hf_tinysaver.workflows.demo import DEMO_TASKS
@@ -163,6 +164,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = run(args)
+    results[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     write_json_atomic(args.results_file, results)
     for mode, summary in results["methods"].items():
         low, high = summary["violation_rate_ci95"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tasks import TASKS
 
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.workflows.cascade import evaluate_cascade
 from hf_tinysaver.workflows.search import save_winning_cascade, search_savers
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
+        PROVENANCE_KEY: provenance(argv=["python", *sys.argv]),
     }
     json_path, csv_path = result.write(results_file, extra=extra)
     plot_path = result.plot(json_path.with_suffix(".png"))

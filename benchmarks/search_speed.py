@@ -19,6 +19,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.records import Records
 from hf_tinysaver.workflows.cascade import write_json_atomic
 from hf_tinysaver.workflows.search import SaverCandidate, rank_savers
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "numpy": np.__version__,
         "torch": torch.__version__,
     }
+    output[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     write_json_atomic(args.results_file, output)
     print(
         f"{args.candidates} candidates x {args.samples} samples: scoring {scoring[0]:.3f} s ({scoring[1]:.3f} s CPU), "

@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.workflows.timing import time_cascade
 
 
@@ -202,6 +203,11 @@ def main(argv=None) -> dict | None:
     if args.memory:
         results["memory"] = measure_memory(args)
         print(f"peak RSS at batch 64: {json.dumps(results['memory'])}")
+    results[PROVENANCE_KEY] = provenance(
+        device=next(cascade.parameters()).device,
+        dtype=next(cascade.parameters()).dtype,
+        argv=["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)],
+    )
     if args.results_file:
         from hf_tinysaver.workflows.cascade import write_json_atomic
 

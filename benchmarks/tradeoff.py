@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tasks import TASKS, zoo_models_of
 
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.workflows.cascade import (
     build_cascade,
     evaluate_cascade,
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_1min": os.getloadavg()[0],
         "machine": platform.processor() or platform.machine(),
     }
+    output[PROVENANCE_KEY] = provenance(argv=["python", *sys.argv])
     write_json_atomic(results_file, output)
     print(f"Wrote {results_file}")
 

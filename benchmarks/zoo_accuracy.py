@@ -20,6 +20,7 @@ import torch
 
 from hf_tinysaver.models.image_processing_tinysaver import TinySaverImageProcessor
 from hf_tinysaver.models.mac_counting import macs_summary
+from hf_tinysaver.provenance import PROVENANCE_KEY, provenance
 from hf_tinysaver.storage import write_text_atomic
 from hf_tinysaver.zoo import ZOO_MODELS, load_zoo_dataset, load_zoo_model, resolve_assets
 from hf_tinysaver.zoo.mobilenet_tflite import TFLiteImageClassifier, pixel_values_to_uint8
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
         },
         "results": results,
+        PROVENANCE_KEY: provenance(
+            argv=["python", "benchmarks/zoo_accuracy.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
     }
     results_file = write_text_atomic(args.results_file, json.dumps(report, indent=2) + "\n")
     print(f"Wrote {results_file}")

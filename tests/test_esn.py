@@ -725,6 +725,9 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
     assert exit_code == 0
     results = json.loads(results_file.read_text())
     assert results["splits"] == {"train": "train", "calib": "test[:50%]", "eval": "test[50%:]"}
+    from test_provenance import assert_provenance
+
+    assert_provenance(results, "esn-train", "--results-file", str(results_file))
     for cascade in ("esn", "tinysaver"):
         assert results[cascade]["calibration"]["accuracy_drop"] <= 10 + 1e-9
         assert results[cascade]["eval"]["n"] == 16
@@ -738,6 +741,7 @@ def test_esn_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
     from hf_tinysaver.calibration.record import CalibrationRecord
 
     record = CalibrationRecord.from_dict(reloaded.config.calibration)
+    assert record.provenance == results["provenance"]
     assert record.thresholds == thresholds and record.is_multi_exit
     assert record.n == results["esn"]["calibration"]["n"] == 16
     assert record.accuracy_drop == pytest.approx(results["esn"]["calibration"]["accuracy_drop"])

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import tiny_vit_cascade
+from conftest import SHARED, requires_shared, tiny_vit_cascade
 from hf_tinysaver import TinySaverForImageClassification
 from hf_tinysaver.hub.push import HubPushError, push_cascade
 from hub_server import DEFAULT_TOKEN
@@ -363,3 +363,84 @@ def test_push_finds_the_plot_in_the_folder_when_the_record_names_none(fake_hub, 
     assert "tradeoff.png" in fake_hub.commits("tester/plot-from-folder")[0].files
     card = fake_hub.file_bytes("tester/plot-from-folder", "README.md").decode()
     assert "![Accuracy versus relative MACs of the cascade as the threshold varies](tradeoff.png)" in card
+
+
+@pytest.mark.slow
+@requires_shared("models/cifar10-resnet", "datasets/cifar10-jpeg")
+def test_card_shows_the_held_out_evaluation_licenses_and_names_local_data_honestly(fake_hub, hub_env, tmp_path):
+    """calibrate -> evaluate --save-to-folder -> push: the card read back from the Hub holds the held-out figures."""
+    out = tmp_path / "cascade"
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--assets", str(SHARED), "--no-progress"]
+    pair = ["--saver", "cifar10-resnet20", "--base", "cifar10-resnet56", "--dataset", "cifar10"]
+    calibrate = ["calibrate", *pair, "--split", "test[:300]", "--objective", "max-drop", "--max-drop", "1"]
+    assert run_cli([*calibrate, "--out", str(out), *cache]) == 0
+    evaluate = ["evaluate", "--model", str(out), "--dataset", "cifar10", "--split", "test[300:500]"]
+    assert run_cli([*evaluate, "--save-to-folder", *cache]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["n"] == 200 and evaluation["provenance"]["hardware"]
+
+    assert run_cli(["push", "tester/held-out", str(out)]) == 0
+    card = ModelCard.load("tester/held-out")
+    by_name = {result.metric_name: result for result in card.data.eval_results}
+    held_out = by_name["Accuracy of the cascade (held-out)"]
+    assert held_out.metric_value == evaluation["accuracy"] and held_out.dataset_split == "test[300:500]"
+    assert by_name["Accuracy of the base model alone (held-out)"].metric_value == evaluation["base_accuracy"]
+    drop = by_name["Accuracy drop vs. the base model (points)"]
+    assert drop.metric_value == pytest.approx(evaluation["accuracy_drop_points"])
+    assert by_name["Exit rate (images answered by the saver)"].metric_value == evaluation["exit_rate"]
+    assert by_name["Relative MACs (cascade / base model)"].metric_value == evaluation["relative_macs"]
+    throughput = by_name["Images per second of the cascade"]
+    assert throughput.metric_args == {"hardware": evaluation["provenance"]["hardware"]}
+    # Only held-out figures: the in-sample calibration accuracy is not in the model-index once there is an evaluation.
+    assert not any("in-sample" in name for name in by_name)
+    assert f"| Accuracy of the cascade | {100 * evaluation['accuracy']:.2f} % |" in card.text
+    assert f"on {evaluation['provenance']['hardware']}" in card.text
+
+    # The zoo's CIFAR-10 is a local JPEG copy: named as such, never as the Hub dataset `cifar10`.
+    assert card.data.datasets is None and "datasets" not in card.data.to_dict()
+    assert held_out.dataset_type == "cifar10-jpeg" and "a local copy of CIFAR-10" in card.text
+    # The sub-models' license, the notice it requires and their source.
+    assert card.data.license == "bsd-2-clause"
+    assert "## Licenses and Notices" in card.text and "Copyright (c) 2018, Yerlan Idelbayev" in card.text
+    assert "https://github.com/akamaster/pytorch_resnet_cifar10" in card.text
+    assert "## Limitations" in card.text and "only the 10 classes" in card.text
+    assert len(card.data.tags) == len(set(card.data.tags)) and "tinysaver" in card.data.tags
+
+    # Extra tags that repeat the default ones are listed once.
+    push_cascade(out, "tester/held-out", card_only=True, tags=["tinysaver", "early-exit", "cifar10", "cifar10"])
+    tags = ModelCard.load("tester/held-out").data.tags
+    assert len(tags) == len(set(tags)) and "cifar10" in tags
+
+
+def test_unreachable_hub_is_one_clear_line(tmp_path):
+    """A push to an endpoint nothing listens on ends with one `tinysaver: error:` line, not an httpx traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    folder = tmp_path / "cascade"
+    make_cascade().save_pretrained(folder)
+    with socket.socket() as probe:  # a free port, closed again: connections to it are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if key != "TINYSAVER_DEBUG"}
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_some_token",
+        HF_HOME=str(tmp_path / "hf_home"),
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")]),
+    )
+    process = subprocess.run(
+        [sys.executable, "-m", "hf_tinysaver.commands", "push", "tester/unreachable", str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr, process.stderr
+    (error,) = [line for line in process.stderr.splitlines() if "error:" in line]
+    assert error.startswith("tinysaver: error: Cannot reach the Hub at http://127.0.0.1:"), error
+    assert "tester/unreachable" in error and "HF_ENDPOINT" in error and "nothing was uploaded" in error

@@ -28,6 +28,7 @@ from hub_server import validate_model_card_metadata
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "model_cards" / "examples"
 SAMPLE_RECORD = EXAMPLES / "cifar10_resnet20_resnet56.calibration.json"
+SAMPLE_EVALUATION = EXAMPLES / "cifar10_resnet20_resnet56.evaluation.json"
 SAMPLE_CARD = EXAMPLES / "cifar10_resnet20_resnet56.md"
 
 NUMBER = r"[\d.]+"
@@ -44,7 +45,7 @@ tags:
 metrics:
 - accuracy
 model-index:
-- name: 'TinySaver: ResNet-20 -> ResNet-56 on CIFAR-10 \(JPEG copy\)'
+- name: 'TinySaver: cifar10-resnet20 -> cifar10-resnet56 on CIFAR-10 \(JPEG copy\)'
   results:
   - task:
       type: image-classification
@@ -52,22 +53,39 @@ model-index:
     dataset:
       name: CIFAR-10 \(JPEG copy\)
       type: cifar10-jpeg
-      split: test\[:50%\]
+      split: test\[50%:\]
     metrics:
     - type: accuracy
       value: NUMBER
-      name: Accuracy of the cascade
+      name: Accuracy of the cascade \(held-out\)
+    - type: accuracy
+      value: NUMBER
+      name: Accuracy of the base model alone \(held-out\)
+    - type: accuracy_drop
+      value: NUMBER
+      name: Accuracy drop vs. the base model \(points\)
+    - type: exit_rate
+      value: NUMBER
+      name: Exit rate \(images answered by the saver\)
+    - type: relative_macs
+      value: NUMBER
+      name: Relative MACs \(cascade / base model\)
+    - type: throughput
+      value: NUMBER
+      name: Images per second of the cascade
+      args:
+        hardware: .+, \d+ threads
 ---
 
-# TinySaver: ResNet-20 -> ResNet-56 on CIFAR-10 \(JPEG copy\)
+# TinySaver: cifar10-resnet20 -> cifar10-resnet56 on CIFAR-10 \(JPEG copy\)
 
-This is a \[TinySaver\]\(https://arxiv\.org/abs/2403\.17726\) cascade for image classification, calibrated on CIFAR-10 \(JPEG copy\)\. .+ \(`ResNet-20`\) .+ \(`ResNet-56`\), .+
+This is a \[TinySaver\]\(https://arxiv\.org/abs/2403\.17726\) cascade for image classification, calibrated on a local copy of CIFAR-10 \(JPEG copy\) \(folder `cifar10-jpeg`\)\. .+ \(\[`cifar10-resnet20`\]\(https://github\.com/akamaster/pytorch_resnet_cifar10\)\) .+ \(\[`cifar10-resnet56`\]\(https://github\.com/akamaster/pytorch_resnet_cifar10\)\), .+
 
 ## Model Details
 
 - \*\*Model type:\*\* TinySaver cascade .+
-- \*\*Saver:\*\* `ResNet-20`, NUMBER MMACs per image, license `bsd-2-clause`
-- \*\*Base model:\*\* `ResNet-56`, NUMBER MMACs per image, license `bsd-2-clause`
+- \*\*Saver:\*\* \[`cifar10-resnet20`\]\(https://github\.com/akamaster/pytorch_resnet_cifar10\), NUMBER MMACs per image, license `bsd-2-clause`
+- \*\*Base model:\*\* \[`cifar10-resnet56`\]\(https://github\.com/akamaster/pytorch_resnet_cifar10\), NUMBER MMACs per image, license `bsd-2-clause`
 - \*\*Exit rule:\*\* the saver answers when its `max_prob` confidence is greater than NUMBER
 - \*\*Saver cost relative to the base model:\*\* NUMBER .+
 - \*\*Number of classes:\*\* 10
@@ -105,8 +123,46 @@ classifier = pipeline\("image-classification", model="hf-tinysaver/cifar10-resne
 \| Agreement with the base model's predictions \| NUMBER % \|
 \| Relative MACs \(cascade / base model\) \| NUMBER \([-+]NUMBER %\) \|
 \| Calibration images \| 5,000 \|
-\| Dataset \| CIFAR-10 \(JPEG copy\) \|
+\| Dataset \| a local copy of CIFAR-10 \(JPEG copy\) \(folder `cifar10-jpeg`\) \|
 \| Split \| `test\[:50%\]` \|
+
+## Evaluation
+
+The real cascade \(not a simulation\) was run with `tinysaver evaluate` on the images below, which were not used to choose the threshold; .+
+
+\| Held-out evaluation \| Value \|
+\|:--\|--:\|
+\| Accuracy of the cascade \| NUMBER % \|
+\| Accuracy of the base model alone \| NUMBER % \|
+\| Accuracy drop vs\. the base model \| -?NUMBER points \|
+\| Accuracy of the saver alone \| NUMBER % \|
+\| Exit rate \(images answered by the saver\) \| NUMBER % \|
+\| Relative MACs \(cascade / base model\) \| NUMBER \([-+]NUMBER %\) \|
+\| Throughput of the cascade \| NUMBER images/s on .+, \d+ threads, batch size \d+ \|
+\| Threshold evaluated \| NUMBER \|
+\| Evaluation images \| 5,000 \|
+\| Dataset \| a local copy of CIFAR-10 \(JPEG copy\) \(folder `cifar10-jpeg`\) \|
+\| Split \| `test\[50%:\]` \|
+\| Command \| `tinysaver evaluate .+ --save-to-folder.*` \|
+
+## Limitations
+
+- The cascade predicts only the 10 classes its two models share; .+
+- The threshold was calibrated on the split `test\[:50%\]` of a local copy of CIFAR-10 .+ Recalibrate on your own data \(`tinysaver calibrate`\)\.
+- No statistical guarantee was asked for: .+
+- Speed was measured on .+, \d+ threads; .+
+
+## Licenses and Notices
+
+The cascade is distributed under `bsd-2-clause`, the stricter of its sub-models' licenses\.
+
+- \*\*Saver\*\* \(`cifar10-resnet20`\), license `bsd-2-clause`, source: https://github\.com/akamaster/pytorch_resnet_cifar10
+
+  > Copyright \(c\) 2018, Yerlan Idelbayev\. Redistribution and use in source and binary forms, .+
+
+- \*\*Base model\*\* \(`cifar10-resnet56`\), license `bsd-2-clause`, source: https://github\.com/akamaster/pytorch_resnet_cifar10
+
+  > Copyright \(c\) 2018, Yerlan Idelbayev\. Redistribution and use in source and binary forms, .+
 
 ## Framework Versions
 
@@ -157,8 +213,14 @@ def test_committed_sample_is_what_the_script_renders(sample_card):
 
 def test_card_numbers_come_from_the_record(sample_card):
     record = json.loads(SAMPLE_RECORD.read_text())
+    evaluation = json.loads(SAMPLE_EVALUATION.read_text())
     metadata = ModelCard(sample_card).data
-    assert metadata.eval_results[0].metric_value == record["accuracy"]
+    # The model-index holds the held-out evaluation, not the in-sample calibration accuracy.
+    assert metadata.eval_results[0].metric_value == evaluation["accuracy"]
+    assert metadata.eval_results[0].dataset_split == evaluation["split"] != record["split"]
+    assert f"| Accuracy of the cascade | {100 * evaluation['accuracy']:.2f} % |" in sample_card
+    assert f"| Exit rate (images answered by the saver) | {100 * evaluation['exit_rate']:.1f} % |" in sample_card
+    assert evaluation["provenance"]["hardware"] in sample_card
     assert f"| Accuracy of the cascade | {100 * record['accuracy']:.2f} % |" in sample_card
     assert f"| Exit rate (images answered by the saver) | {100 * record['exit_rate']:.1f} % |" in sample_card
     assert f"| Relative MACs (cascade / base model) | {record['relative_macs']:.3f} " in sample_card
@@ -268,3 +330,56 @@ def test_template_ships_inside_the_package():
     patterns = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     relative = TEMPLATE_PATH.relative_to(package_root).as_posix()
     assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns["hf_tinysaver"]), (relative, patterns)
+
+
+def test_local_and_zoo_data_are_named_as_local_copies_never_as_hub_ids(tmp_path):
+    folder = tmp_path / "my-cifar"
+    folder.mkdir()
+    for dataset, name in ((str(folder), "my-cifar"), ("cifar10", "CIFAR-10 (JPEG copy)")):
+        card = generate_model_card(full_config(dataset=dataset, split="test"), lookup_licenses=False)
+        assert card.data.datasets is None and "datasets:" not in str(card)
+        assert f"a local copy of {name}" in card.text
+        assert card.data.eval_results[0].dataset_type in ("my-cifar", "cifar10-jpeg")
+    hub = generate_model_card(full_config(dataset="uoft-cs/cifar10", split="test"), lookup_licenses=False)
+    assert hub.data.datasets == ["uoft-cs/cifar10"] and "local copy" not in hub.text
+
+
+def test_repeated_tags_are_listed_once():
+    data = TinySaverModelCardData(tags=["tinysaver", "early-exit", "tinysaver", "cifar10", "early-exit"])
+    assert data.tags == ["tinysaver", "early-exit", "cifar10"]
+    assert ModelCard(str(generate_model_card(full_config(), card_data=data))).data.tags == data.tags
+
+
+def test_different_licenses_are_both_named_and_the_stricter_one_is_the_cards():
+    card = generate_model_card(full_config(), saver_license="mit", base_license="apache-2.0", lookup_licenses=False)
+    assert card.data.license == "apache-2.0"
+    assert "(`mit` and `apache-2.0`: each model's own terms still apply to its weights)" in card.text
+    assert "[someone/tiny-vit](https://huggingface.co/someone/tiny-vit)" in card.text
+
+
+def test_limitations_say_what_the_certificate_covers():
+    certificate = {"method": "discordant-binomial", "target": 0.5, "level": 0.95, "n": 5000, "bound": 0.41}
+    card = str(generate_model_card(full_config(certificate=certificate, split="test"), lookup_licenses=False))
+    limitations = card.split("## Limitations", 1)[1].split("\n## ", 1)[0]
+    assert "The certificate bounds the accuracy drop against the base model at 0.410 points" in limitations
+    assert "exchangeable" in limitations and "No held-out evaluation is recorded" in limitations
+
+
+def test_evaluation_on_the_calibration_split_is_not_called_held_out():
+    config = full_config(dataset="uoft-cs/cifar10", split="test[:50%]")
+    evaluation = {"accuracy": 0.8, "base_accuracy": 0.81, "dataset": "uoft-cs/cifar10", "split": "test[:50%]"}
+    card = generate_model_card(config, evaluation=evaluation, lookup_licenses=False)
+    assert "not used to choose the threshold" not in card.text
+    assert "ran on the calibration split itself, so it is not held out" in card.text
+    assert card.data.eval_results[0].metric_name == "Accuracy of the cascade (on the calibration images)"
+
+
+def test_recorded_origin_keeps_a_missing_local_path_from_becoming_a_hub_id():
+    # `data/my-cifar` reads like a Hub id, but the calibration recorded it as a local folder (not on this machine).
+    card = generate_model_card(
+        full_config(dataset="data/my-cifar", dataset_origin="local", split="test"), lookup_licenses=False
+    )
+    assert card.data.datasets is None and "a local copy of my-cifar" in card.text
+    evaluation = {"accuracy": 0.8, "dataset": "data/my-cifar", "dataset_origin": "local", "split": "test[1:]"}
+    card = generate_model_card(full_config(), evaluation=evaluation, lookup_licenses=False)
+    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "my-cifar"

@@ -305,12 +305,23 @@ def alive(pid: int) -> bool:
     return True
 
 
+def without_run_provenance(record: dict) -> dict:
+    """A config or calibration record without the `provenance` of the run that wrote it (its command names that run's
+    --out folder, so two runs of the same calibration into different folders differ there and nowhere else)."""
+    record = json.loads(json.dumps(record))
+    record.pop("provenance", None)
+    if isinstance(record.get("calibration"), dict):
+        record["calibration"].pop("provenance", None)
+    return record
+
+
 def folder_state(folder: Path) -> dict:
-    """What `verify` compares: file names, config, calibration record and the weights' digest."""
+    """What `verify` compares: file names, config, calibration record (without the run's provenance) and the
+    weights' digest."""
     return {
         "names": sorted(os.listdir(folder)),
-        "config": json.loads((folder / "config.json").read_text()),
-        "calibration": json.loads((folder / "calibration.json").read_text()),
+        "config": without_run_provenance(json.loads((folder / "config.json").read_text())),
+        "calibration": without_run_provenance(json.loads((folder / "calibration.json").read_text())),
         "weights": {
             name: hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
             for name, tensor in AutoModelForImageClassification.from_pretrained(folder).state_dict().items()
@@ -324,13 +335,20 @@ def verify(folder: Path, references: dict[str, dict]) -> str:
     config = json.loads((folder / "config.json").read_text())  # never a 0-byte or half-written config
     calibration = json.loads((folder / "calibration.json").read_text())
     assert calibration["threshold"] == config["threshold"] == config["calibration"]["threshold"]
+    # Both files come from one run: the same provenance, whose command wrote this very folder or its reference.
+    assert calibration["provenance"] == config["calibration"]["provenance"], f"{folder} mixes files of two runs"
     which = {"max-drop": "old", "exit-rate": "new"}[calibration["objective"]]
     model = AutoModelForImageClassification.from_pretrained(folder)
     assert model.config.threshold == calibration["threshold"]
     weights = {
         name: hashlib.sha256(tensor.numpy().tobytes()).hexdigest() for name, tensor in model.state_dict().items()
     }
-    state = {"names": sorted(os.listdir(folder)), "config": config, "calibration": calibration, "weights": weights}
+    state = {
+        "names": sorted(os.listdir(folder)),
+        "config": without_run_provenance(config),
+        "calibration": without_run_provenance(calibration),
+        "weights": weights,
+    }
     assert state == references[which], f"{folder} mixes files of the old and the new cascade"
     return which
 

@@ -310,6 +310,11 @@ def test_cli_search_writes_ranked_results_plot_and_the_winning_cascade(tiny_pool
     top = next(c for c in data_json["candidates"] if c["name"] == winner)
     assert calibration["relative_macs"] == pytest.approx(top["relative_macs"]["50.0"])
     assert calibration["search"]["ranked"][0] == winner
+    # Both results files say what produced them (the search command, with its versions and hardware).
+    from test_provenance import assert_provenance
+
+    assert_provenance(data_json, "search", "--results-file", str(results))
+    assert_provenance(calibration, "search", "--out")
     assert (tmp_path / "winner" / "tradeoff.png").read_bytes()[:8] == PNG_SIGNATURE
 
     # Only candidates that are not cheaper than the base: nothing is ranked, --out saves nothing and says why.

@@ -36,6 +36,9 @@ def test_evaluate_single_process_reports_real_forward_and_simulation(tiny_cascad
     assert results["relative_macs"] == pytest.approx(
         results["saver_macs"] / results["base_macs"] + 1 - results["exit_rate"]
     )
+    from test_provenance import assert_provenance
+
+    assert_provenance(results, "evaluate", "--results-file", str(results_file))
 
 
 def _accelerate_command() -> list[str]:
@@ -77,6 +80,9 @@ def test_record_command_caches(tiny_dataset, tmp_path):
     assert run_cli(args) == 0
     summary = json.loads((tmp_path / "r.json").read_text())
     assert summary["n"] == 16 and summary["cache_key"] and summary["num_labels"] == 10
+    from test_provenance import assert_provenance
+
+    assert_provenance(summary, "record", "--results-file")
     cached = tmp_path / "cache" / f"{summary['cache_key']}.npz"
     first_write = cached.stat().st_mtime_ns
     assert run_cli(args) == 0

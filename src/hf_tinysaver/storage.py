@@ -73,8 +73,10 @@ _MODEL_FILE_PATTERNS = (
 CALIBRATION_FILE = "calibration.json"
 TRADEOFF_CSV_FILE = "tradeoff.csv"
 TRADEOFF_PLOT_FILE = "tradeoff.png"
+# What `tinysaver evaluate --save-to-folder` writes: the cascade's results on held-out data, shown in its model card.
+EVALUATION_FILE = "evaluation.json"
 KNOWN_FOLDER_FILES: dict[str, tuple[str, ...]] = {
-    "cascade": (*_MODEL_FILE_PATTERNS, CALIBRATION_FILE, TRADEOFF_CSV_FILE, TRADEOFF_PLOT_FILE),
+    "cascade": (*_MODEL_FILE_PATTERNS, CALIBRATION_FILE, TRADEOFF_CSV_FILE, TRADEOFF_PLOT_FILE, EVALUATION_FILE),
     "esn": _MODEL_FILE_PATTERNS,
     "demo": ("search.json", "search.csv", "search.png", "demo.json", "cascade/"),
 }
@@ -478,6 +480,7 @@ def atomic_folder(
 
 __all__ = [
     "CALIBRATION_FILE",
+    "EVALUATION_FILE",
     "KNOWN_FOLDER_FILES",
     "OutputFolderError",
     "TRADEOFF_CSV_FILE",

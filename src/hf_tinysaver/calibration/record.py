@@ -74,6 +74,9 @@ class CalibrationRecord:
         confidence_temperature: The temperature the saver's logits are divided by.
         hf_tinysaver_version: The library version that calibrated (None in records written before it was kept).
         date: ISO date of the calibration (None in records written before it was kept).
+        provenance: What made the calibration: library, torch and transformers versions, device, hardware, dtype,
+            threads and command ([`~hf_tinysaver.provenance.provenance`]; None in records written before it was
+            kept).
         extra: Everything else the record holds (objective parameters, drift-monitor reference, search summary,
             ...), flattened into `to_dict()` after the fields.
     """
@@ -104,6 +107,7 @@ class CalibrationRecord:
     confidence_temperature: float | None = None
     hf_tinysaver_version: str | None = field(default_factory=lambda: TINYSAVER_VERSION)
     date: str | None = field(default_factory=_today)
+    provenance: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -150,10 +154,15 @@ class CalibrationRecord:
 
     @classmethod
     def create(cls, values: dict[str, Any]) -> CalibrationRecord:
-        """A record of a calibration made now: `values` read as [`from_dict`] reads them, stamped with today's date
-        and this library's version."""
+        """A record of a calibration made now: `values` read as [`from_dict`] reads them, stamped with today's date,
+        this library's version and, unless `values` holds one, the [`~hf_tinysaver.provenance.provenance`] of this
+        process (pass `"provenance": model_provenance(model)` to record the model's device and dtype)."""
+        from ..provenance import provenance
+
         record = cls.from_dict(values)
         record.date, record.hf_tinysaver_version = _today(), TINYSAVER_VERSION
+        if record.provenance is None:
+            record.provenance = provenance()
         return record
 
 

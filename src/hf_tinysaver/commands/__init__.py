@@ -75,12 +75,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the input or the environment is wrong", reported in one line without a traceback.
 
     Bad values (`ValueError`, including [`InfeasibleTargetError`]), missing or unwritable files and folders, a failed
-    push and the Hub's own errors (no such repository, gated, offline, no token). Any other exception is a bug and
-    keeps its traceback.
+    push, the Hub's own errors (no such repository, gated, offline, no token) and a Hub that cannot be reached (the
+    HTTP client's transport errors). Any other exception is a bug and keeps its traceback.
     """
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    from ..hub.push import HubPushError
+    from ..hub.push import HubPushError, network_error_types
 
     return (
         ValueError,
@@ -93,6 +93,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         HfHubHTTPError,
         OfflineModeIsEnabled,
         LocalTokenNotFoundError,
+        *network_error_types(),
     )
 
 
@@ -118,14 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     `tinysaver: interrupted` and returns 130. With `--debug` (or `TINYSAVER_DEBUG=1`) errors propagate with their
     traceback. Argument errors are argparse's own (usage, then `tinysaver <command>: error: ...`, exit 2).
     """
+    from ..provenance import running_command
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "progress", True) is False:
         disable_progress_bars()
+    command = ["tinysaver", *(sys.argv[1:] if argv is None else argv)]
     if args.debug:
-        return int(args.func(args) or 0)
+        with running_command(command):
+            return int(args.func(args) or 0)
     try:
-        return int(args.func(args) or 0)
+        with running_command(command):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("tinysaver: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,14 @@ def add_parser(subparsers) -> None:
         "--threshold", type=threshold_type, default=None, help="Override the saved threshold (a number in [-1, 1])."
     )
     parser.add_argument("--results-file", default=None, help="Write the results as JSON here.")
+    parser.add_argument(
+        "--save-to-folder",
+        action="store_true",
+        help=(
+            "Also write the results as evaluation.json into the --model folder (a local cascade folder), so that "
+            "`tinysaver push` shows them in the model card as the held-out evaluation."
+        ),
+    )
     parser.set_defaults(func=run_evaluate)
 
 
@@ -28,8 +36,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # Loading a model module runs hf_tinysaver/models/__init__.py, which registers the Auto classes.
     from ..models import modeling_tinysaver  # noqa: F401
     from ..records import distributed_state
+    from ..storage import EVALUATION_FILE
     from ..workflows.cascade import evaluate_cascade, write_json_atomic
 
+    if args.save_to_folder and not os.path.isdir(args.model):
+        raise ValueError(
+            f"--save-to-folder writes {EVALUATION_FILE} into the cascade folder, but --model {args.model!r} is not a "
+            "local folder; pass the folder `tinysaver calibrate --out` wrote (download a Hub cascade first with "
+            "`hf download REPO_ID --local-dir FOLDER`), or use --results-file instead."
+        )
     if not (os.path.isdir(args.model) or "/" in args.model):
         raise ValueError(f"--model must be a saved cascade folder or Hub id, got {args.model!r}.")
     try:
@@ -43,6 +58,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "`tinysaver calibrate --out` wrote."
         ) from error
     if args.threshold is not None:
+        if args.save_to_folder and args.threshold != cascade.config.threshold:
+            raise ValueError(
+                f"--save-to-folder records how the saved cascade performs at its own threshold "
+                f"({cascade.config.threshold:.6g}), but --threshold {args.threshold:g} overrides it; drop one of the "
+                "two (use --results-file to keep the results of another threshold)."
+            )
         cascade.config.threshold = args.threshold
     results = evaluate_cascade(cascade, args.dataset, args.split, **data_options(args))
     results["model"] = str(args.model)
@@ -60,6 +81,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             )
         if args.results_file:
             write_json_atomic(args.results_file, results)
+        if args.save_to_folder:
+            print(f"wrote {write_json_atomic(os.path.join(args.model, EVALUATION_FILE), results)}")
     return 0
 
 

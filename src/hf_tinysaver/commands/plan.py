@@ -46,6 +46,7 @@ def add_parser(subparsers) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     from ..calibration.certification import default_target_exit_rate, plan_calibration_size
+    from ..provenance import PROVENANCE_KEY, model_provenance
     from ..records import distributed_state
     from ..workflows.cascade import build_cascade, record_sub_models, simulation_for, write_json_atomic
 
@@ -81,6 +82,7 @@ def run_plan(args: argparse.Namespace) -> int:
         "target_relative_macs": pilot.relative_saver_macs + 1.0 - target_exit_rate,
         "pilot_in_sample_exit_rate": in_sample.exit_rate,
         "calibration_size": size,
+        PROVENANCE_KEY: model_provenance(cascade),
     }
     if distributed_state().is_main_process:
         print(

@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
 def run_record(args: argparse.Namespace) -> int:
     from ..models.image_processing_tinysaver import TinySaverImageProcessor
     from ..models.modeling_tinysaver import find_preprocessing
+    from ..provenance import PROVENANCE_KEY, model_provenance
     from ..records import distributed_state, record
     from ..workflows.cascade import load_model, resolve_dataset_source, write_json_atomic
 
@@ -41,6 +42,7 @@ def run_record(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": records.n}
     summary["shuffle_seed"] = args.shuffle_seed
     summary.update(accuracy=records.accuracy, cache_key=records.cache_key, num_labels=int(records.logits.shape[1]))
+    summary[PROVENANCE_KEY] = model_provenance(model)
     if distributed_state().is_main_process:
         print(f"{args.model} on {args.dataset} {args.split}: n={records.n}", end="")
         print(f", top-1 {100 * records.accuracy:.2f} %" if records.accuracy is not None else "")

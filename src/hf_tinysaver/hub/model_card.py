@@ -175,6 +175,69 @@ def _local_dataset_pretty_name(path: str | None) -> str | None:
     return pretty_name if isinstance(pretty_name, str) else None
 
 
+# Readable names of the zoo's datasets (the `pretty_name` of their README), so that a card names them the same on
+# every machine, with or without the assets folder.
+_ZOO_DATASET_NAMES = {
+    "cifar10": "CIFAR-10 (JPEG copy)",
+    "imagenet-val-1300": "ImageNet-1k validation, 1,300-image subset",
+}
+
+
+def describe_dataset(dataset: str | None, origin: str | None = None) -> dict[str, Any]:
+    """How the card names a dataset argument: `hub_id` only for a real Hub dataset id, never for local data.
+
+    A local folder, or a zoo dataset name (`"cifar10"`: the zoo's local JPEG copy, not the Hub's `cifar10`), is
+    named by its `pretty_name` (from its README) and its folder name, and gets no Hub id. `origin` is what the
+    calibration or evaluation recorded the argument to be (`"local"`, `"zoo"`, `"hub"` or `"object"`, see
+    [`~hf_tinysaver.sources.parse_source`]); it wins over guessing, so that a local path that does not exist on the
+    machine that pushes (`data/my-cifar`) is not taken for a Hub id.
+
+    Returns:
+        A dict with `hub_id` (or `None`), `name` (readable), `type` (the `model-index` dataset type: the Hub id or
+        the folder name) and `local` (`True` for local data).
+
+    Example:
+
+    ```python
+    >>> from hf_tinysaver.hub.model_card import describe_dataset
+
+    >>> describe_dataset("uoft-cs/cifar10")["hub_id"]
+    'uoft-cs/cifar10'
+    >>> described = describe_dataset("cifar10")  # the zoo's local copy
+    >>> described["hub_id"], described["local"]
+    (None, True)
+    ```
+    """
+    if not dataset:
+        return {"hub_id": None, "name": None, "type": None, "local": False}
+    from ..zoo.data import ZOO_DATASETS
+
+    path = dataset if os.path.exists(dataset) else None
+    if origin in ("local", "object") and path is None:
+        folder = os.path.basename(dataset.rstrip("/\\")) or dataset
+        return {"hub_id": None, "name": folder, "type": folder, "local": True}
+    if path is None and dataset in ZOO_DATASETS and origin in (None, "zoo"):
+        folder = os.path.basename(ZOO_DATASETS[dataset])
+        return {"hub_id": None, "name": _ZOO_DATASET_NAMES.get(dataset, folder), "type": folder, "local": True}
+    if path is not None:
+        folder = os.path.basename(os.path.abspath(path).rstrip("/\\"))
+        return {"hub_id": None, "name": _local_dataset_pretty_name(path) or folder, "type": folder, "local": True}
+    hub_id = hub_dataset_id(dataset)
+    return {"hub_id": hub_id, "name": hub_id or dataset, "type": hub_id or dataset, "local": hub_id is None}
+
+
+def _zoo_entry(*names: Any):
+    """The zoo entry named by the first of `names` that is a zoo model name (or a path ending in one), else `None`."""
+    from ..zoo.registry import ZOO_MODELS
+
+    for name in names:
+        if isinstance(name, str) and name:
+            for candidate in (name, os.path.basename(name.rstrip("/\\"))):
+                if candidate in ZOO_MODELS:
+                    return ZOO_MODELS[candidate]
+    return None
+
+
 def _sub_model_name(sub_config: Any, hub_id: str | None, recorded_name: str | None) -> str | None:
     if recorded_name:
         return recorded_name
@@ -264,6 +327,16 @@ class TinySaverModelCardData(ModelCardData):
             Readable name of the calibration dataset.
         dataset_type (`str`, *optional*):
             Identifier of the calibration dataset in the `model-index` when it has no Hub id (e.g. its folder name).
+        dataset_local (`bool`, *optional*, defaults to `False`):
+            Whether the calibration data is a local folder (the card then says so and lists no Hub dataset id).
+        saver_source_url (`str`, *optional*):
+            Where the saver's weights are published (linked from the card); the zoo knows it for its models.
+        base_source_url (`str`, *optional*):
+            Where the base model's weights are published.
+        saver_notice (`str`, *optional*):
+            The notice the saver's license requires redistributions to carry (copyright line and terms).
+        base_notice (`str`, *optional*):
+            The notice the base model's license requires.
         threshold (`float`, *optional*):
             Deployed exit threshold.
         confidence (`str`, *optional*):
@@ -278,6 +351,11 @@ class TinySaverModelCardData(ModelCardData):
             The calibration record (`objective`, `threshold`, `exit_rate`, `accuracy`, `base_accuracy`,
             `saver_accuracy`, `relative_macs`, `n`, `dataset`, `split`, `max_drop`); accuracies and rates are
             fractions, `max_drop` is in accuracy points.
+        evaluation (`dict`, *optional*):
+            What `tinysaver evaluate --save-to-folder` measured on held-out data (`evaluation.json`: `accuracy`,
+            `base_accuracy`, `accuracy_drop_points`, `exit_rate`, `relative_macs`, `images_per_second`, `n`,
+            `dataset`, `split`, `provenance`, and `speedup` where one was measured). Shown in the card and, in
+            place of the in-sample calibration accuracy, in the `model-index`.
         plot_file (`str`, *optional*):
             File name, in the repo, of the accuracy/compute trade-off plot shown in the card.
         tags (`list[str]`, *optional*):
@@ -311,12 +389,18 @@ class TinySaverModelCardData(ModelCardData):
     dataset_id: str | None = None
     dataset_name: str | None = None
     dataset_type: str | None = None
+    dataset_local: bool = False
+    saver_source_url: str | None = None
+    base_source_url: str | None = None
+    saver_notice: str | None = None
+    base_notice: str | None = None
     threshold: float | None = None
     confidence: str | None = None
     num_labels: int | None = None
     saver_macs: int | None = None
     base_macs: int | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
     plot_file: str | None = None
     tags: list[str] = field(default_factory=lambda: list(DEFAULT_TAGS))
     library_name: str = field(default="transformers", init=False)
@@ -325,6 +409,7 @@ class TinySaverModelCardData(ModelCardData):
 
     def __post_init__(self) -> None:
         self.license = self.license or stricter_license(self.saver_license, self.base_license)
+        self.tags = list(dict.fromkeys(self.tags))
         if self.model_id is not None and not _HUB_ID_PATTERN.match(self.model_id):
             raise ValueError(f"model_id must be a Hub repo id like 'namespace/name', got {self.model_id!r}.")
 
@@ -363,19 +448,29 @@ class TinySaverModelCardData(ModelCardData):
             hub_id = hub_model_id(recorded) or hub_model_id(getattr(sub_config, "_name_or_path", None))
             values[f"{role}_id"] = hub_id
             values[f"{role}_name"] = _sub_model_name(sub_config, hub_id, recorded)
+            zoo_entry = _zoo_entry(recorded, getattr(sub_config, "_name_or_path", None))
+            if zoo_entry is not None:
+                values[f"{role}_source_url"] = zoo_entry.source_url
+                values[f"{role}_notice"] = zoo_entry.notice
+            elif hub_id is not None:
+                values[f"{role}_source_url"] = f"{HUB_URL}/{hub_id}"
             license_id = (
                 overrides.get(f"{role}_license")
                 or calibration.get(f"{role}_license")
                 or getattr(sub_config, "license", None)
+                or (zoo_entry.license if zoo_entry is not None else None)
             )
             if license_id is None and hub_id is not None and lookup_licenses:
                 license_id = _hub_card_license(hub_id)
             values[f"{role}_license"] = license_id
         dataset = calibration.get("dataset") if isinstance(calibration.get("dataset"), str) else None
-        values["dataset_id"] = hub_dataset_id(dataset)
-        if values["dataset_id"] is None and dataset:
-            values["dataset_type"] = os.path.basename(dataset.rstrip("/\\"))
-            values["dataset_name"] = _local_dataset_pretty_name(dataset) or values["dataset_type"]
+        origin = calibration.get("dataset_origin") if isinstance(calibration.get("dataset_origin"), str) else None
+        described = describe_dataset(dataset, origin)
+        values["dataset_id"] = described["hub_id"]
+        values["dataset_local"] = described["local"]
+        if described["hub_id"] is None and dataset:
+            values["dataset_type"] = described["type"]
+            values["dataset_name"] = described["name"]
         # The plot comes as `plot_file` (push_cascade passes the folder's tradeoff.png); cascades saved by earlier
         # versions named it in their calibration record instead.
         plot = recorded_calibration.get("plot")
@@ -404,7 +499,64 @@ class TinySaverModelCardData(ModelCardData):
         dataset = self.dataset_name or self.dataset_id
         return f"{title} on {dataset}" if dataset else title
 
+    def _evaluation_dataset(self) -> dict[str, Any]:
+        """How the card names the held-out data: the evaluation's own dataset, else the calibration's."""
+        dataset, origin = self.evaluation.get("dataset"), self.evaluation.get("dataset_origin")
+        if isinstance(dataset, str) and dataset:
+            return describe_dataset(dataset, origin if isinstance(origin, str) else None)
+        return {
+            "hub_id": self.dataset_id,
+            "name": self.dataset_name or self.dataset_id,
+            "type": self.dataset_id or self.dataset_type,
+            "local": self.dataset_local,
+        }
+
+    @property
+    def hardware(self) -> str | None:
+        """The hardware the evaluation's speed was measured on (GPU name, or CPU model and threads)."""
+        provenance = self.evaluation.get("provenance")
+        hardware = provenance.get("hardware") if isinstance(provenance, dict) else None
+        return hardware if isinstance(hardware, str) and hardware else None
+
+    def _evaluation_metrics(self) -> list[tuple[str, str, float, dict[str, Any] | None]]:
+        """`(type, name, value, args)` of each held-out figure the evaluation holds."""
+        evaluation = self.evaluation
+        hardware = {"hardware": self.hardware} if self.hardware else None
+        where = "on the calibration images" if self.evaluation_overlaps_calibration else "held-out"
+        metrics = []
+        for key, metric_type, name, args in (
+            ("accuracy", "accuracy", f"Accuracy of the cascade ({where})", None),
+            ("base_accuracy", "accuracy", f"Accuracy of the base model alone ({where})", None),
+            ("accuracy_drop_points", "accuracy_drop", "Accuracy drop vs. the base model (points)", None),
+            ("exit_rate", "exit_rate", "Exit rate (images answered by the saver)", None),
+            ("relative_macs", "relative_macs", "Relative MACs (cascade / base model)", None),
+            ("speedup", "speedup", "Measured speedup over the base model alone", hardware),
+            ("images_per_second", "throughput", "Images per second of the cascade", hardware),
+        ):
+            if _is_number(evaluation.get(key)):
+                metrics.append((metric_type, name, float(evaluation[key]), args))
+        return metrics
+
     def _eval_results(self) -> list[EvalResult]:
+        if self.evaluation:
+            dataset = self._evaluation_dataset()
+            if not dataset["type"]:
+                return []
+            split = self.evaluation.get("split")
+            return [
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Image Classification",
+                    dataset_type=dataset["type"],
+                    dataset_name=dataset["name"],
+                    dataset_split=split if isinstance(split, str) else None,
+                    metric_type=metric_type,
+                    metric_name=name,
+                    metric_value=value,
+                    metric_args=args,
+                )
+                for metric_type, name, value, args in self._evaluation_metrics()
+            ]
         accuracy = self.calibration.get("accuracy")
         dataset = self.dataset_id or self.dataset_name
         if not _is_number(accuracy) or not dataset:
@@ -417,7 +569,7 @@ class TinySaverModelCardData(ModelCardData):
                 dataset_name=self.dataset_name or dataset,
                 dataset_split=self.calibration.get("split"),
                 metric_type="accuracy",
-                metric_name="Accuracy of the cascade",
+                metric_name="Accuracy of the cascade (in-sample, on the calibration images)",
                 metric_value=float(accuracy),
             )
         ]
@@ -487,16 +639,153 @@ class TinySaverModelCardData(ModelCardData):
             rows.append(("Split", f"`{record['split']}`"))
         return rows
 
+    def _evaluation_rows(self) -> list[tuple[str, str]]:
+        evaluation = self.evaluation
+        rows: list[tuple[str, str]] = []
+        accuracy, base_accuracy = evaluation.get("accuracy"), evaluation.get("base_accuracy")
+        if _is_number(accuracy):
+            rows.append(("Accuracy of the cascade", _percent(accuracy)))
+        if _is_number(base_accuracy):
+            rows.append(("Accuracy of the base model alone", _percent(base_accuracy)))
+        if _is_number(evaluation.get("accuracy_drop_points")):
+            rows.append(("Accuracy drop vs. the base model", f"{evaluation['accuracy_drop_points']:.2f} points"))
+        if _is_number(evaluation.get("saver_accuracy")):
+            rows.append(("Accuracy of the saver alone", _percent(evaluation["saver_accuracy"])))
+        if _is_number(evaluation.get("exit_rate")):
+            rows.append(("Exit rate (images answered by the saver)", _percent(evaluation["exit_rate"], 1)))
+        if _is_number(evaluation.get("relative_macs")):
+            relative = evaluation["relative_macs"]
+            rows.append(("Relative MACs (cascade / base model)", f"{relative:.3f} ({100 * (relative - 1):+.1f} %)"))
+        on_hardware = f" on {self.hardware}" if self.hardware else ""
+        if _is_number(evaluation.get("speedup")):
+            rows.append(("Measured speedup over the base model alone", f"{evaluation['speedup']:.2f}x{on_hardware}"))
+        if _is_number(evaluation.get("images_per_second")):
+            batch = f", batch size {evaluation['batch_size']}" if _is_number(evaluation.get("batch_size")) else ""
+            rows.append(
+                ("Throughput of the cascade", f"{evaluation['images_per_second']:.1f} images/s{on_hardware}{batch}")
+            )
+        if _is_number(evaluation.get("threshold")):
+            rows.append(("Threshold evaluated", f"{evaluation['threshold']:.6g}"))
+        if _is_number(evaluation.get("n")):
+            rows.append(("Evaluation images", f"{int(evaluation['n']):,}"))
+        dataset = self._evaluation_dataset()
+        if dataset["name"]:
+            rows.append(("Dataset", self._dataset_link(dataset)))
+        if evaluation.get("split"):
+            rows.append(("Split", f"`{evaluation['split']}`"))
+        provenance = evaluation.get("provenance")
+        if isinstance(provenance, dict) and provenance.get("command"):
+            rows.append(("Command", f"`{provenance['command']}`".replace("|", "\\|")))
+        return rows
+
+    @property
+    def evaluation_overlaps_calibration(self) -> bool:
+        """Whether the evaluation ran on the calibration split itself (then it is not held out)."""
+        return bool(
+            self.evaluation
+            and self.evaluation.get("split")
+            and self.evaluation.get("split") == self.calibration.get("split")
+            and self.evaluation.get("dataset") == self.calibration.get("dataset")
+        )
+
+    def _limitations(self) -> list[str]:
+        items = []
+        if self.num_labels:
+            items.append(
+                f"The cascade predicts only the {self.num_labels} classes its two models share; images of any other "
+                "class still receive one of them."
+            )
+        else:
+            items.append("The cascade predicts only the classes its two models share.")
+        dataset = self._dataset_markdown()
+        split = f"the split `{self.calibration['split']}` of " if self.calibration.get("split") else ""
+        if dataset:
+            items.append(
+                f"The threshold was calibrated on {split}{dataset}. The exit rate, accuracy and savings hold for "
+                "images drawn from that distribution; on other data (other cameras, resolutions, classes in other "
+                "proportions) the saver's confidence, and with it the exit rate and the accuracy, can differ. "
+                "Recalibrate on your own data (`tinysaver calibrate`)."
+            )
+        certificate = self.calibration.get("certificate")
+        if isinstance(certificate, dict) and _is_number(certificate.get("bound")):
+            items.append(
+                f"The certificate bounds the accuracy drop against the base model at {certificate['bound']:.3f} "
+                f"points with probability {certificate['level']:g} over the draw of the calibration images, for new "
+                "images exchangeable with them (same distribution, drawn independently). It says nothing about the "
+                "base model's own accuracy, about other data, or about a threshold changed after calibration."
+            )
+        elif _is_number(self.calibration.get("confidence_level")):
+            items.append(
+                f"The accuracy guarantee holds with probability {self.calibration['confidence_level']:g} over the "
+                "draw of the calibration images, for new images from the same distribution; it bounds the drop "
+                "against the base model, not the base model's own accuracy."
+            )
+        elif self.calibration:
+            items.append(
+                "No statistical guarantee was asked for: the calibration figures are measured on the calibration "
+                "images themselves (in-sample) and may be optimistic for new images."
+            )
+        else:
+            items.append(
+                "No calibration is recorded: nothing in this card says how often the saver answers, or how well."
+            )
+        if self.evaluation_overlaps_calibration:
+            items.append("The evaluation below ran on the calibration split itself, so it is not held out.")
+        elif not self.evaluation:
+            items.append(
+                "No held-out evaluation is recorded; run `tinysaver evaluate --save-to-folder` on unseen data."
+            )
+        if self.hardware and (_is_number(self.evaluation.get("images_per_second")) or self.evaluation.get("speedup")):
+            items.append(
+                f"Speed was measured on {self.hardware}; on other hardware, batch sizes or dtypes the speedup "
+                "differs, and it can be below the MAC savings."
+            )
+        return items
+
     @staticmethod
-    def _model_markdown(hub_id: str | None, name: str | None) -> str | None:
+    def _model_markdown(hub_id: str | None, name: str | None, source_url: str | None = None) -> str | None:
         if hub_id:
             return f"[{hub_id}]({HUB_URL}/{hub_id})"
+        if name and source_url:
+            return f"[`{name}`]({source_url})"
         return f"`{name}`" if name else None
 
+    @staticmethod
+    def _dataset_link(dataset: dict[str, Any]) -> str | None:
+        if dataset.get("hub_id"):
+            return f"[{dataset['name'] or dataset['hub_id']}]({HUB_URL}/datasets/{dataset['hub_id']})"
+        if dataset.get("local") and dataset.get("name"):
+            folder = f" (folder `{dataset['type']}`)" if dataset.get("type") else ""
+            return f"a local copy of {dataset['name']}{folder}"
+        return dataset.get("name")
+
     def _dataset_markdown(self) -> str | None:
-        if self.dataset_id:
-            return f"[{self.dataset_name or self.dataset_id}]({HUB_URL}/datasets/{self.dataset_id})"
-        return self.dataset_name
+        return self._dataset_link(
+            {
+                "hub_id": self.dataset_id,
+                "name": self.dataset_name or self.dataset_id,
+                "type": self.dataset_type,
+                "local": self.dataset_local or (self.dataset_id is None and bool(self.dataset_name)),
+            }
+        )
+
+    def _notices(self) -> list[dict[str, str]]:
+        notices = []
+        for role, name, license_id, notice, source_url in (
+            ("Saver", self.saver_name, self.saver_license, self.saver_notice, self.saver_source_url),
+            ("Base model", self.base_name, self.base_license, self.base_notice, self.base_source_url),
+        ):
+            if notice or source_url:
+                notices.append(
+                    {
+                        "role": role,
+                        "name": name or role.lower(),
+                        "license": license_id or "unknown",
+                        "notice": notice or "",
+                        "source_url": source_url or "",
+                    }
+                )
+        return notices
 
     def to_dict(self) -> dict[str, Any]:
         """The values the template renders (front matter included), `None` for what is unknown."""
@@ -508,8 +797,8 @@ class TinySaverModelCardData(ModelCardData):
             title=self.title,
             paper_url=PAPER_URL,
             citation=CITATION,
-            saver_markdown=self._model_markdown(self.saver_id, self.saver_name),
-            base_markdown=self._model_markdown(self.base_id, self.base_name),
+            saver_markdown=self._model_markdown(self.saver_id, self.saver_name, self.saver_source_url),
+            base_markdown=self._model_markdown(self.base_id, self.base_name, self.base_source_url),
             dataset_markdown=self._dataset_markdown(),
             threshold_text=f"{self.threshold:.6g}" if _is_number(self.threshold) else None,
             saver_macs_text=_macs(self.saver_macs) if _is_number(self.saver_macs) else None,
@@ -522,6 +811,15 @@ class TinySaverModelCardData(ModelCardData):
             and _is_number(self.threshold)
             and not math.isclose(calibrated_threshold, self.threshold, rel_tol=1e-9, abs_tol=1e-12),
             calibrated_threshold_text=f"{calibrated_threshold:.6g}" if _is_number(calibrated_threshold) else None,
+            evaluation_table=_markdown_table(self._evaluation_rows(), ("Held-out evaluation", "Value"))
+            if self.evaluation and self._evaluation_rows()
+            else None,
+            evaluation_overlaps_calibration=self.evaluation_overlaps_calibration,
+            limitations=self._limitations(),
+            notices=self._notices(),
+            licenses_differ=bool(
+                self.saver_license and self.base_license and self.saver_license.lower() != self.base_license.lower()
+            ),
         )
         return values
 
@@ -577,6 +875,7 @@ __all__ = [
     "DEFAULT_TAGS",
     "TEMPLATE_PATH",
     "TinySaverModelCardData",
+    "describe_dataset",
     "generate_model_card",
     "hub_dataset_id",
     "hub_model_id",

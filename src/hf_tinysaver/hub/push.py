@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -12,7 +13,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from ..models.configuration_tinysaver import TinySaverConfig
-from ..storage import TRADEOFF_PLOT_FILE
+from ..storage import EVALUATION_FILE, TRADEOFF_PLOT_FILE
 from .model_card import DEFAULT_TAGS, TinySaverModelCardData, generate_model_card
 
 if TYPE_CHECKING:
@@ -138,6 +139,52 @@ def _find_plot(folder: Path, config: TinySaverConfig, plot: str | os.PathLike | 
     return None
 
 
+def _read_evaluation(folder: Path) -> dict:
+    """The held-out results `tinysaver evaluate --save-to-folder` wrote into the folder, or `{}` when there are none."""
+    path = folder / EVALUATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        evaluation = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); rerun `tinysaver evaluate --save-to-folder` or delete the file."
+        ) from error
+    if not isinstance(evaluation, dict):
+        raise ValueError(f"{path} must hold a JSON object (the results of `tinysaver evaluate --save-to-folder`).")
+    return evaluation
+
+
+def network_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions huggingface_hub's HTTP client raises when the Hub cannot be reached (refused connection, DNS
+    failure, timeout, broken proxy): the transport errors of `httpx` (or the `httpx2` fork some huggingface_hub
+    builds use) and of `requests`, whichever are installed."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module_name, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [getattr(module, name) for name in names if isinstance(getattr(module, name, None), type)]
+    return tuple(found)
+
+
+def _explain_network_error(error: BaseException, repo_id: str) -> HubPushError:
+    from huggingface_hub import constants
+
+    return HubPushError(
+        f"Cannot reach the Hub at {constants.ENDPOINT} to push to {repo_id} ({type(error).__name__}: {error}). "
+        "Check the network connection, proxy settings (HTTPS_PROXY) and HF_ENDPOINT, then run the push again; "
+        "nothing was uploaded."
+    )
+
+
 def _explain_http_error(error: HfHubHTTPError, repo_id: str) -> HubPushError:
     status = error.response.status_code if error.response is not None else None
     if status == 403:
@@ -172,7 +219,8 @@ def push_cascade(
 ) -> CommitInfo:
     r"""
     Uploads a cascade to the Hub in one commit: weights, config, processor, remote-code files, a generated model card
-    (`README.md`) and the calibration's trade-off plot.
+    (`README.md`) and the calibration's trade-off plot. When the folder holds `evaluation.json` (written by
+    `tinysaver evaluate --save-to-folder`), the card shows those held-out results and lists them in its `model-index`.
 
     What is uploaded is decided from the folder's contents by name, relative to the folder: its regular files (hidden
     ones skipped), the generated card and the plot. The repo is created when missing. Files of an earlier push that this one does not carry stay in the repo; files
@@ -213,7 +261,8 @@ def push_cascade(
         request's URL with `create_pr`).
 
     Raises:
-        [`HubPushError`]: No token, a token rejected by the Hub, or one without write access to `repo_id`.
+        [`HubPushError`]: No token, a token rejected by the Hub, one without write access to `repo_id`, or a Hub
+        that cannot be reached (no network, wrong `HF_ENDPOINT` or proxy).
         `FileNotFoundError`: The folder has no `config.json`, or `plot` does not exist.
         `ValueError`: The calibration record names a plot outside the folder (an absolute path, `..`, or a link
         that leads out), or the folder holds a link to a file outside it. Only the folder's own files, by their
@@ -248,6 +297,7 @@ def push_cascade(
                 model_id=repo_id,
                 plot_file=plot_in_repo,
                 tags=[*DEFAULT_TAGS, *(tags or [])],
+                evaluation=_read_evaluation(folder),
             )
         elif plot_in_repo is not None and card_data.plot_file is None:
             card_data.plot_file = plot_in_repo
@@ -277,6 +327,8 @@ def push_cascade(
             )
         except HfHubHTTPError as error:
             raise _explain_http_error(error, repo_id) from error
+        except network_error_types() as error:
+            raise _explain_network_error(error, repo_id) from error
 
 
-__all__ = ["HubPushError", "push_cascade", "resolve_token"]
+__all__ = ["HubPushError", "network_error_types", "push_cascade", "resolve_token"]

@@ -25,6 +25,7 @@ from ..calibration.simulation import DEFAULT_CERTIFICATE, CalibrationResult, Cas
 from ..labels import dataset_labels, warn_label_order
 from ..models.image_processing_tinysaver import TinySaverImageProcessor
 from ..models.modeling_tinysaver import TinySaverForImageClassification
+from ..provenance import PROVENANCE_KEY, model_provenance
 from ..records import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -35,7 +36,14 @@ from ..records import (
     prepare_images,
     record,
 )
-from ..sources import dataset_name, load_dataset_split, load_model, resolve_dataset_source, split_name
+from ..sources import (
+    dataset_name,
+    load_dataset_split,
+    load_model,
+    parse_source,
+    resolve_dataset_source,
+    split_name,
+)
 from ..storage import (
     CALIBRATION_FILE,
     TRADEOFF_CSV_FILE,
@@ -232,12 +240,14 @@ def calibrate_cascade(
             "confidence": cascade.config.confidence,
             "confidence_temperature": cascade.config.confidence_temperature,
             "dataset": dataset_name(dataset),
+            "dataset_origin": parse_source(dataset, "dataset").origin,
             "split": split,
             "shuffle_seed": shuffle_seed,
             "saver": cascade.config.saver_config._name_or_path or None,
             "base": cascade.config.base_config._name_or_path or None,
             "oracle_relative_macs": simulation.oracle_relative_macs(),
             **drift_reference(simulation, result.threshold),
+            PROVENANCE_KEY: model_provenance(cascade),
         }
     ).to_dict()
     return result, simulation
@@ -429,7 +439,9 @@ def evaluate_cascade(
 
     Returns:
         A dict with `accuracy`, `base_accuracy`, `exit_rate`, `agreement`, `relative_macs` (MACs actually spent / base
-        MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split), `images_per_second` (cascade forward passes), `n`, `threshold` and the simulated figures.
+        MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split),
+        `images_per_second` (cascade forward passes), `n`, `threshold`, the simulated figures and `provenance`
+        (versions, device, hardware, dtype, threads and command: [`~hf_tinysaver.provenance.provenance`]).
     """
     from accelerate.utils import gather_object
     from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -508,6 +520,7 @@ def evaluate_cascade(
         "saver_macs": config.saver_macs,
         "base_macs": config.base_macs,
         "dataset": dataset_name(dataset),
+        "dataset_origin": parse_source(dataset, "dataset").origin,
         "split": split,
         "shuffle_seed": shuffle_seed,
         "processes": state.num_processes,
@@ -519,6 +532,7 @@ def evaluate_cascade(
             and simulated.accuracy is not None
             and math.isclose(simulated.accuracy, scores["accuracy"], abs_tol=0)
         ),
+        PROVENANCE_KEY: model_provenance(cascade),
     }
 
 

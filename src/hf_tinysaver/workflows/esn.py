@@ -49,6 +49,7 @@ from ..labels import dataset_labels, warn_label_order
 from ..models.confidence import compute_confidence
 from ..models.image_processing_tinysaver import normalize_preprocessing
 from ..models.modeling_tinysaver_esn import TinySaverESNForImageClassification, esn_loss
+from ..provenance import PROVENANCE_KEY, model_provenance
 from ..records import dataset_fingerprint, default_cache_dir, model_fingerprint, prepare_images
 from ..sources import dataset_name, load_dataset_split, load_model
 from ..storage import atomic_folder, check_output_folder, write_file_atomic
@@ -442,6 +443,7 @@ def calibrate_and_evaluate(
     config.exit_thresholds = esn_search.thresholds[1:]
     config.calibration = CalibrationRecord.create(
         {
+            "provenance": model_provenance(model),
             "objective": "max-drop",
             "max_drop": max_drop,
             "threshold": config.threshold,
@@ -619,6 +621,7 @@ def train_and_calibrate_esn(
                 "seed": seed,
                 "final_loss": losses[-1] if losses else None,
             },
+            PROVENANCE_KEY: model_provenance(model),
         }
     )
     if out:

