@@ -18,6 +18,12 @@ def add_parser(subparsers) -> None:
         "--threshold", type=threshold_type, default=None, help="Override the saved threshold (a number in [-1, 1])."
     )
     parser.add_argument("--results-file", default=None, help="Write the results as JSON here.")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="Write the held-out trade-off (accuracy vs relative MACs over every threshold, the cascade's point "
+        "marked, beside the calibration's) as a PNG here.",
+    )
     parser.set_defaults(func=run_evaluate)
 
 
@@ -27,7 +33,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from .. import models  # noqa: F401  (registers the library's model types with the Auto classes)
     from ..records import distributed_state
-    from ..workflows.cascade import evaluate_cascade, write_json_atomic
+    from ..workflows.cascade import describe_evaluation, evaluate_cascade, plot_held_out_tradeoff, write_json_atomic
 
     if not (os.path.isdir(args.model) or "/" in args.model):
         raise ValueError(f"--model must be a saved cascade folder or Hub id, got {args.model!r}.")
@@ -43,22 +49,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         ) from error
     if args.threshold is not None:
         cascade.config.threshold = args.threshold
-    results = evaluate_cascade(cascade, args.dataset, args.split, **data_options(args))
+    results, simulation = evaluate_cascade(
+        cascade, args.dataset, args.split, return_simulation=True, **data_options(args)
+    )
     results["model"] = str(args.model)
     if distributed_state().is_main_process:
-        print(
-            f"accuracy {100 * results['accuracy']:.2f} % (base {100 * results['base_accuracy']:.2f} %, drop "
-            f"{results['accuracy_drop_points']:.2f} points), exit rate {results['exit_rate']:.4f}, relative MACs "
-            f"{results['relative_macs']:.4f}, {results['images_per_second']:.1f} img/s, n={results['n']}"
-        )
-        if results["costs_more_than_base"]:
-            print(
-                f"warning: this cascade costs {results['relative_macs']:.4f}x its base alone (exit rate "
-                f"{results['exit_rate']:.4f}, saver share {results['saver_macs'] / results['base_macs']:.4f}): it "
-                "saves nothing on this split; recalibrate it (see `tinysaver calibrate`) or use the base alone."
-            )
+        print("\n".join(describe_evaluation(results)))
+        print(f"{results['images_per_second']:.1f} img/s (cascade forward passes)")
         if args.results_file:
             write_json_atomic(args.results_file, results)
+        if args.plot:
+            path = plot_held_out_tradeoff(args.plot, cascade, simulation, results)
+            print(f"plot: {path}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -15,7 +16,12 @@ def timed(function) -> float:
 
 
 def time_cascade(
-    cascade, saver_inputs: torch.Tensor, base_inputs: torch.Tensor, batch_size: int, repeats: int = 5
+    cascade,
+    saver_inputs: torch.Tensor,
+    base_inputs: torch.Tensor,
+    batch_size: int,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Times the cascade and its parts on the same preprocessed images, interleaved over `repeats` rounds.
 
@@ -33,6 +39,8 @@ def time_cascade(
         base_inputs: The same images prepared for the base (the saver inputs when preprocessing is shared).
         batch_size: Images per call; the first `n - n % batch_size` images are used.
         repeats: Interleaved rounds; medians are reported.
+        progress: Called with one line after the warm-up and after each round (e.g. `print`), so a long timing is
+            never silent.
 
     Returns:
         A dict of images/s, speedups, their ratios, the overhead and the median seconds of every variant.
@@ -100,16 +108,26 @@ def time_cascade(
     }
     times = {name: [] for name in [*variants, "cascade_nothing_exits", "saver_then_base"]}
     overheads = []
+    report = progress or (lambda line: None)
+    started = time.perf_counter()
     with torch.inference_mode():
         for function in [*variants.values(), paired_overhead_seconds]:  # warm-up: allocator, oneDNN primitive caches
             function()
-        for _ in range(repeats):
+        report(
+            f"  warm-up done ({time.perf_counter() - started:.0f} s); {repeats} timed rounds of {len(variants) + 2} "
+            f"variants on {n} images follow"
+        )
+        for round_index in range(repeats):
             for name, function in variants.items():
                 times[name].append(timed(function))
             cascade_seconds, direct_seconds = paired_overhead_seconds()
             times["cascade_nothing_exits"].append(cascade_seconds)
             times["saver_then_base"].append(direct_seconds)
             overheads.append(cascade_seconds / direct_seconds - 1)
+            report(
+                f"  round {round_index + 1}/{repeats}: base alone {times['base'][-1]:.2f} s, cascade "
+                f"{times['cascade'][-1]:.2f} s ({time.perf_counter() - started:.0f} s so far)"
+            )
     median = {name: statistics.median(values) for name, values in times.items()}
 
     exit_rate = float(exited.float().mean())
