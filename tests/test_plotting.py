@@ -107,3 +107,24 @@ def test_evaluation_description_names_a_missed_target_and_a_saver_alone():
     assert "the saver alone answers" in text
     quiet = describe_evaluation(results | {"target_missed": False, "saver_alone": False, "exit_rate": 0.5})
     assert len(quiet) == 1
+
+
+def test_time_cascade_speedups_only_reports_its_rounds_and_leaves_the_bounds_out():
+    from PIL import Image
+
+    from hf_tinysaver.workflows.timing import time_cascade
+    from test_hub import make_cascade
+
+    cascade = make_cascade(saver_macs=10, base_macs=100).eval()
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(8)]
+    inputs = cascade.get_image_processor()(images=pictures, return_tensors="pt")
+    saver_inputs = inputs["pixel_values"]
+    base_inputs = inputs.get("base_pixel_values", saver_inputs)
+    lines = []
+    timing = time_cascade(cascade, saver_inputs, base_inputs, 4, repeats=2, progress=lines.append, speedups_only=True)
+    assert len(lines) == 3 and lines[0].strip().startswith("warm-up done") and "round 2/2" in lines[-1]
+    assert timing["realised_speedup"] > 0 and timing["streamed_speedup"] > 0 and timing["n"] == 8
+    assert timing["composition_bound_speedup"] is None and timing["overhead_vs_saver_then_base"] is None
+    full = time_cascade(cascade, saver_inputs, base_inputs, 4, repeats=1)
+    assert full["composition_bound_speedup"] > 0 and full["overhead_vs_saver_then_base"] is not None
