@@ -17,8 +17,8 @@ import numpy as np
 from .calibration.simulation import CalibrationResult, TradeoffCurve
 from .storage import write_file_atomic
 
-# 8 x 5 inches at 100 dpi: 800 x 500 px, the width the Hub shows a card's images at, so 10-11 pt text stays legible.
-FIGURE_SIZE = (8.0, 5.0)
+# 8 x 5.6 inches at 100 dpi: 800 x 560 px, the width the Hub shows a card's images at, so 9-11 pt text stays legible.
+FIGURE_SIZE = (8.0, 5.6)
 FIGURE_DPI = 100
 X_LABEL = "cost: relative MACs per image (% of the base alone)"
 Y_LABEL = "top-1 accuracy (%)"
@@ -127,9 +127,10 @@ def tradeoff_figure(
             if not getattr(curve, "has_labels", False):  # only a real TradeoffCurve knows its harms and gains
                 continue
             macs, accuracy = oracle_bound(curve)
-            axes.plot(100 * macs, 100 * accuracy, color="grey", linestyle=":", linewidth=1.6, label=ORACLE_LABEL)
+            label = ORACLE_LABEL if len(curves) <= 1 else f"{ORACLE_LABEL}: {name}"
+            axes.plot(100 * macs, 100 * accuracy, color="grey", linestyle=":", linewidth=1.6, label=label)
             all_accuracy.append(accuracy)
-    marked = ((operating_points, "o", (10, -34), ""), (held_out_points, "D", (10, 10), f" ({held_out_label})"))
+    marked = ((operating_points, "o", (30, -45), ""), (held_out_points, "D", (30, -95), f" ({held_out_label})"))
     for points, marker, offset, where in marked:
         for name, point in points.items():
             if point is None or point.accuracy is None:
@@ -170,7 +171,8 @@ def tradeoff_figure(
     highest = max(base_accuracy, max((float(np.max(a)) for a in all_accuracy), default=0.0))
     axes.set_ylim(max(0.0, 100 * min(lowest, base_accuracy) - 1), min(100.0, 100 * highest + 1.5))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=9, loc="lower right", framealpha=0.9)
+    # Below the axes, where it hides no curve, point or label.
+    axes.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     if title:
         axes.set_title(title, fontsize=11)
     figure.tight_layout()
