@@ -128,6 +128,8 @@ def tradeoff_figure(
                 continue
             macs, accuracy = oracle_bound(curve)
             label = ORACLE_LABEL if len(curves) <= 1 else f"{ORACLE_LABEL}: {name}"
+            if curve_label and name in curves:  # say which data it bounds when held-out curves are drawn beside
+                label += f", {curve_label}"
             axes.plot(100 * macs, 100 * accuracy, color="grey", linestyle=":", linewidth=1.6, label=label)
             all_accuracy.append(accuracy)
     marked = ((operating_points, "o", (30, -45), ""), (held_out_points, "D", (30, -95), f" ({held_out_label})"))
