@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from hf_tinysaver.calibration.simulation import format_drop
 from hf_tinysaver.workflows.cascade import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,13 @@ def load(name: str) -> dict | None:
 
 def pct(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f}"
+
+
+def drop(points: float) -> str:
+    """A drop in points as every table prints it: base minus cascade accuracy, the sign shown only when negative (the
+    cascade more accurate), no "-0.00" (see `hf_tinysaver.calibration.simulation.format_drop`)."""
+    text = f"{points:.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -77,7 +85,7 @@ def section_calibrate_evaluate() -> str | None:
                     f"{pct(run['calibration']['exit_rate'], 1)} / {run['calibration']['relative_macs']:.3f}",
                     f"{pct(held_out['exit_rate'], 1)}",
                     f"{pct(held_out['accuracy'])} vs {pct(held_out['base_accuracy'])}",
-                    f"{held_out['accuracy_drop_points']:+.2f}",
+                    drop(held_out["accuracy_drop_points"]),
                     f"{held_out['relative_macs']:.3f}",
                     "yes" if held_out["simulation_matches_forward"] else "NO",
                 ]
@@ -141,9 +149,11 @@ def section_search() -> str | None:
                 f"\n\nWinner `{data['winner']}` calibrated at {data['primary_max_drop']} points on {data['split']}, "
                 f"run for real on held-out {held_out['split']} ({held_out['n']} images): accuracy "
                 f"{pct(held_out['accuracy'])} % vs base {pct(held_out['base_accuracy'])} % "
-                f"(drop {held_out['accuracy_drop_points']:+.2f} points), exit rate {pct(held_out['exit_rate'], 1)} %, "
+                f"({format_drop(held_out['accuracy_drop_points'])}), exit rate {pct(held_out['exit_rate'], 1)} %, "
                 f"relative MACs {held_out['relative_macs']:.3f}."
             )
+            if held_out["exit_rate"] == 1.0:
+                held_out_line += " Every image exits: the saver alone answers and the base never runs."
         blocks.append(
             f"**Base `{data['base']}`** ({data['base_macs'] / 1e6:.1f} MMACs, top-1 {pct(data['base_accuracy'])} % on "
             f"{data['dataset']} {data['split']}, n={data['n']}; `{data['command']}`)\n\n"
@@ -188,7 +198,7 @@ def section_tradeoff() -> str | None:
                     f"{point['calibration']['relative_macs']:.3f}",
                     f"{pct(simulated['exit_rate'], 1)}",
                     f"{pct(simulated['accuracy'])} vs {pct(simulated['base_accuracy'])}",
-                    f"{simulated['accuracy_drop_points']:+.2f}",
+                    drop(simulated["accuracy_drop_points"]),
                     f"{simulated['relative_macs']:.3f}",
                     "—" if forward is None else ("yes" if forward["simulation_matches_forward"] else "NO"),
                     f"{point['oracle_relative_macs_at_drop']:.3f}",
@@ -231,7 +241,7 @@ def section_guarantee() -> str | None:
                     label,
                     f"{pct(summary['violation_rate'], 1)} [{pct(low, 1)}, {pct(high, 1)}]",
                     f"{summary['mean_relative_macs']:.3f}",
-                    f"{summary['mean_pool_drop']:+.2f}",
+                    drop(summary["mean_pool_drop"]),
                     f"{pct(summary['certified_nothing_rate'], 1)}",
                 ]
             )
@@ -286,9 +296,9 @@ def section_esn() -> str | None:
                 row["layers"],
                 row["max_drop"],
                 f"{esn['relative_macs']:.3f}",
-                f"{esn.get('accuracy_drop', esn.get('drop')):+.2f}",  # results written before 'drop' was renamed
+                drop(esn.get("accuracy_drop", esn.get("drop"))),  # results written before 'drop' was renamed
                 f"{plain['relative_macs']:.3f}",
-                f"{plain.get('accuracy_drop', plain.get('drop')):+.2f}",
+                drop(plain.get("accuracy_drop", plain.get("drop"))),
                 f"{row['relative_macs_esn_over_tinysaver']:.3f}",
                 f"{row['tinysaver_oracle_at_esn_drop']['relative_macs']:.3f}",
             ]
@@ -383,7 +393,7 @@ def section_drift() -> str | None:
                 pct(row["exit_rate"], 1),
                 pct(row["base_accuracy"], 1),
                 pct(row["cascade_accuracy"], 1),
-                f"{row['accuracy_drop_points']:.2f}",
+                drop(row["accuracy_drop_points"]),
                 pct(row["exited_disagreement"], 1),
                 f"{row['detected']}/{row['streams']}",
                 "—" if median is None else f"{median:.0f}",

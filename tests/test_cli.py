@@ -237,3 +237,20 @@ def test_plot_tradeoff_leaves_the_matplotlib_backend_alone(tmp_path):
     )
     assert result == {"pyplot": False, "png": "89504e47"}
     assert [path.name for path in Path(tmp_path).iterdir()] == ["plot.png"]
+
+
+def test_the_cli_asks_openmp_for_passive_waits_unless_the_user_chose():
+    code = (
+        "import json, os\n"
+        "from hf_tinysaver.commands import use_passive_openmp_waits\n"
+        "use_passive_openmp_waits()\n"
+        "print(json.dumps(os.environ.get('OMP_WAIT_POLICY')))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(environment, PYTHONPATH=os.pathsep.join([str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")])),
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == "PASSIVE", result.stderr
+    assert run_python(code, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"

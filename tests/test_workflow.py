@@ -152,3 +152,21 @@ def test_calibrate_then_evaluate_real_cifar_cascade(tmp_path):
     results = json.loads(held_out.read_text())
     assert results["n"] == 500 and results["simulation_matches_forward"] is True
     assert 0.5 < results["exit_rate"] < 1 and results["relative_macs"] < 1
+
+
+def test_evaluate_plot_draws_the_held_out_tradeoff_and_says_what_happened(
+    tiny_cascade_dir, tiny_dataset, tmp_path, capsys
+):
+    plot, results_file = tmp_path / "held-out.png", tmp_path / "results.json"
+    code = run_cli(
+        ["evaluate", "--model", str(tiny_cascade_dir), "--dataset", str(tiny_dataset), "--split", "train",
+         "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--results-file", str(results_file),
+         "--plot", str(plot), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    results = json.loads(results_file.read_text())
+    assert f"drop {results['accuracy_drop_points']:.2f} points" in printed.replace("drop -0.00", "drop 0.00")
+    assert f"plot: {plot}" in printed
+    assert {"target_missed", "saver_alone", "max_drop"} <= set(results)

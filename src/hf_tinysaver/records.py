@@ -98,6 +98,30 @@ def _key_lock(cache_root: Path, key: str, model_name: str):
         os.close(descriptor)  # releases the lock
 
 
+@contextlib.contextmanager
+def refreshing(bar, every_seconds: float = 2.0):
+    """Redraws a tqdm bar every `every_seconds` from a background thread while the block runs, so that its elapsed
+    time moves even while one slow batch (seconds of a large model on a CPU) is in progress."""
+    import threading
+
+    if getattr(bar, "disable", True):
+        yield bar
+        return
+    stop = threading.Event()
+
+    def redraw():
+        while not stop.wait(every_seconds):
+            bar.refresh()
+
+    thread = threading.Thread(target=redraw, name="tinysaver-progress", daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Atomic `.npz` with a checksum over every array, verified by `_load_arrays`."""
     checksum = hashlib.sha256()
@@ -742,13 +766,15 @@ def _record_key(
             num_workers=num_workers,
         )
     )
-    with progress_bar, torch.inference_mode():
+    with progress_bar, refreshing(progress_bar), torch.inference_mode():
         for chunk in pending:
             own_logits = {}
             for _ in own_batches[chunk]:
                 batch_index, pixel_values = next(loader)
                 logits = model(pixel_values=pixel_values.to(device=device, dtype=parameter_dtype)).logits
                 own_logits[int(batch_index)] = logits.float().cpu().numpy()
+                if state.num_processes == 1:  # every batch, so a long chunk is never a silent stretch
+                    progress_bar.update(len(logits))
             gathered = gather_object([own_logits]) if state.num_processes > 1 else [own_logits]
             if state.is_main_process:
                 by_batch = {index: logits for part in gathered for index, logits in part.items()}
@@ -756,7 +782,8 @@ def _record_key(
                 if use_cache:
                     _save_arrays(chunk_path(chunk), {"logits": chunk_logits, "key": np.array(key)})
                 computed[chunk] = chunk_logits
-                progress_bar.update(len(chunk_logits))
+                if state.num_processes > 1:  # other processes' batches are only known here
+                    progress_bar.update(len(chunk_logits))
 
     records, refusal = None, None
     if state.is_main_process:
@@ -855,4 +882,5 @@ __all__ = [
     "pair_from_records",
     "prepare_images",
     "record",
+    "refreshing",
 ]

@@ -75,6 +75,20 @@ def check_finite_logits(logits: Any, source: str, where: str = "") -> None:
         )
 
 
+def format_drop(points: float) -> str:
+    """The library's one wording of an accuracy drop: base accuracy minus cascade accuracy, in points.
+
+    `format_drop(0.64)` is `"drop 0.64 points"`; a negative drop keeps its sign and says what it means,
+    `format_drop(-0.15)` is `"drop -0.15 points = a 0.15-point gain over the base"`.
+    """
+    text = f"{float(points):.2f}"
+    if text == "-0.00":
+        text = "0.00"
+    if text.startswith("-"):
+        return f"drop {text} points = a {text[1:]}-point gain over the base"
+    return f"drop {text} points"
+
+
 def _as_classes(values: Any, name: str) -> np.ndarray:
     """`values` as an int64 class array; float arrays must hold whole finite numbers (no NaN predicted as class 0)."""
     array = np.asarray(values).reshape(-1)
@@ -155,7 +169,12 @@ class CalibrationResult:
             f"threshold {self.threshold:.6g}, exit rate {self.exit_rate:.4f}, relative MACs {self.relative_macs:.4f}"
         )
         if self.accuracy is not None:
-            text += f", accuracy {100 * self.accuracy:.2f} % (base {100 * self.base_accuracy:.2f} %)"
+            text += (
+                f", accuracy {100 * self.accuracy:.2f} % (base {100 * self.base_accuracy:.2f} %, "
+                f"{format_drop(self.accuracy_drop)})"
+            )
+        if self.exit_rate == 1.0:
+            text += ", every image exits (the saver alone answers, the base never runs)"
         return text + f", agreement with base {100 * self.agreement:.2f} %"
 
 
@@ -777,5 +796,6 @@ __all__ = [
     "check_finite_logits",
     "delta_c",
     "fit_temperature",
+    "format_drop",
     "oracle_relative_macs",
 ]

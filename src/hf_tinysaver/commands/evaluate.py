@@ -26,6 +26,12 @@ def add_parser(subparsers) -> None:
             "`tinysaver push` shows them in the model card as the held-out evaluation."
         ),
     )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="Write the held-out trade-off (accuracy vs relative MACs over every threshold, the cascade's point "
+        "marked, beside the calibration's) as a PNG here.",
+    )
     parser.set_defaults(func=run_evaluate)
 
 
@@ -36,8 +42,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # Loading a model module runs hf_tinysaver/models/__init__.py, which registers the Auto classes.
     from ..models import modeling_tinysaver  # noqa: F401
     from ..records import distributed_state
-    from ..storage import EVALUATION_FILE
-    from ..workflows.cascade import evaluate_cascade, write_json_atomic
+    from ..storage import EVALUATION_FILE, write_json_atomic
+    from ..workflows.cascade import describe_evaluation, evaluate_cascade, plot_held_out_tradeoff
 
     if args.save_to_folder and not os.path.isdir(args.model):
         raise ValueError(
@@ -65,24 +71,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 "two (use --results-file to keep the results of another threshold)."
             )
         cascade.config.threshold = args.threshold
-    results = evaluate_cascade(cascade, args.dataset, args.split, **data_options(args))
+    results, simulation = evaluate_cascade(
+        cascade, args.dataset, args.split, return_simulation=True, **data_options(args)
+    )
     results["model"] = str(args.model)
     if distributed_state().is_main_process:
-        print(
-            f"accuracy {100 * results['accuracy']:.2f} % (base {100 * results['base_accuracy']:.2f} %, drop "
-            f"{results['accuracy_drop_points']:.2f} points), exit rate {results['exit_rate']:.4f}, relative MACs "
-            f"{results['relative_macs']:.4f}, {results['images_per_second']:.1f} img/s, n={results['n']}"
-        )
-        if results["costs_more_than_base"]:
-            print(
-                f"warning: this cascade costs {results['relative_macs']:.4f}x its base alone (exit rate "
-                f"{results['exit_rate']:.4f}, saver share {results['saver_macs'] / results['base_macs']:.4f}): it "
-                "saves nothing on this split; recalibrate it (see `tinysaver calibrate`) or use the base alone."
-            )
+        print("\n".join(describe_evaluation(results)))
+        print(f"{results['images_per_second']:.1f} img/s (cascade forward passes)")
         if args.results_file:
             write_json_atomic(args.results_file, results)
         if args.save_to_folder:
             print(f"wrote {write_json_atomic(os.path.join(args.model, EVALUATION_FILE), results)}")
+        if args.plot:
+            path = plot_held_out_tradeoff(args.plot, cascade, simulation, results)
+            print(f"plot: {path}")
     return 0
 
 

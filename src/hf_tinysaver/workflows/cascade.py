@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from ..calibration.record import CalibrationRecord
-from ..calibration.simulation import DEFAULT_CERTIFICATE, CalibrationResult, CascadeSimulation, InfeasibleTargetError
+from ..calibration.simulation import (
+    DEFAULT_CERTIFICATE,
+    CalibrationResult,
+    CascadeSimulation,
+    InfeasibleTargetError,
+    format_drop,
+)
 from ..labels import dataset_labels, warn_label_order
 from ..models.image_processing_tinysaver import TinySaverImageProcessor
 from ..models.modeling_tinysaver import TinySaverForImageClassification
@@ -35,6 +41,7 @@ from ..records import (
     pair_from_records,
     prepare_images,
     record,
+    refreshing,
 )
 from ..sources import (
     dataset_name,
@@ -425,6 +432,7 @@ def evaluate_cascade(
     progress: bool = True,
     shuffle_seed: int | None = None,
     label_map: Any = None,
+    return_simulation: bool = False,
 ) -> dict[str, Any]:
     r"""
     Runs the real cascade (not a simulation) over a split and measures what it does.
@@ -440,8 +448,11 @@ def evaluate_cascade(
     Returns:
         A dict with `accuracy`, `base_accuracy`, `exit_rate`, `agreement`, `relative_macs` (MACs actually spent / base
         MACs), `costs_more_than_base` (`relative_macs >= 1`: the cascade saves nothing on this split),
-        `images_per_second` (cascade forward passes), `n`, `threshold`, the simulated figures and `provenance`
-        (versions, device, hardware, dtype, threads and command: [`~hf_tinysaver.provenance.provenance`]).
+        `images_per_second` (cascade forward passes), `n`, `threshold`, `max_drop` (the calibration's target, if any),
+        `target_missed` (the held-out drop is above it), `saver_alone` (every image exits), the simulated figures and
+        `provenance` (versions, device, hardware, dtype, threads and command: [`~hf_tinysaver.provenance.provenance`]).
+        With `return_simulation=True`, `(results, simulation)`: the [`CascadeSimulation`] of the held-out records
+        (for the held-out trade-off plot).
     """
     from accelerate.utils import gather_object
     from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -471,6 +482,7 @@ def evaluate_cascade(
         tqdm(
             total=len(data), unit="img", desc="Evaluating cascade", disable=not (progress and state.is_main_process)
         ) as bar,
+        refreshing(bar),
     ):
         for index in own:
             stop = min((index + 1) * batch_size, len(data))
@@ -501,15 +513,24 @@ def evaluate_cascade(
     scores = metric.compute(
         predictions=predictions, references=labels, exited=exited, base_predictions=base_records.predictions
     )
-    simulated = simulation_for(cascade, saver_records, base_records).evaluate(config.threshold)
+    simulation = simulation_for(cascade, saver_records, base_records)
+    simulated = simulation.evaluate(config.threshold)
     relative_saver_macs = config.saver_macs / config.base_macs
-    return {
+    calibration = config.calibration or {}
+    # The calibration's target applies to the threshold it chose, not to one the caller set instead.
+    max_drop = calibration.get("max_drop") if calibration.get("threshold") == config.threshold else None
+    drop_points = 100 * (scores["base_accuracy"] - scores["accuracy"])
+    results = {
         "accuracy": scores["accuracy"],
         "base_accuracy": scores["base_accuracy"],
         "saver_accuracy": float(np.mean(saver_records.predictions == labels))
         if config.label_mapping is None
         else None,
-        "accuracy_drop_points": 100 * (scores["base_accuracy"] - scores["accuracy"]),
+        "accuracy_drop_points": drop_points,
+        "max_drop": max_drop,
+        # Held-out drop above the calibration's target (points; a float-noise margin keeps 0.5 from missing 0.5).
+        "target_missed": bool(max_drop is not None and drop_points > float(max_drop) + 1e-9),
+        "saver_alone": bool(scores["exit_rate"] == 1.0),
         "exit_rate": scores["exit_rate"],
         "agreement": scores["agreement"],
         "relative_macs": relative_saver_macs + 1 - scores["exit_rate"],
@@ -534,6 +555,72 @@ def evaluate_cascade(
         ),
         PROVENANCE_KEY: model_provenance(cascade),
     }
+    if return_simulation:
+        return results, simulation
+    return results
+
+
+def describe_evaluation(results: dict[str, Any]) -> list[str]:
+    """What an [`evaluate_cascade`] result means, in plain lines: accuracy and drop (the library's one wording,
+    [`~calibration.simulation.format_drop`]), then a warning each when the held-out drop missed the calibration's
+    target, when every image exits (the saver alone answers) and when the cascade saves nothing."""
+    lines = [
+        f"accuracy {100 * results['accuracy']:.2f} % vs base alone {100 * results['base_accuracy']:.2f} % "
+        f"({format_drop(results['accuracy_drop_points'])}), exit rate {100 * results['exit_rate']:.1f} %, relative "
+        f"MACs {results['relative_macs']:.4f}, n={results['n']}"
+    ]
+    if results.get("target_missed"):
+        lines.append(
+            f"warning: the held-out drop ({results['accuracy_drop_points']:.2f} points) missed the calibration's "
+            f"target of {results['max_drop']:g} points on this split: the in-sample threshold lets too much exit here "
+            "(calibrate on more images, or with --confidence-level for a guarantee)."
+        )
+    if results.get("saver_alone"):
+        lines.append(
+            "note: every image exits at the saver, so the base never runs: on this split the saver alone answers "
+            f"(relative MACs {results['relative_macs']:.4f} = the saver's own cost)."
+        )
+    if results.get("costs_more_than_base"):
+        lines.append(
+            f"warning: this cascade costs {results['relative_macs']:.4f}x its base alone (exit rate "
+            f"{results['exit_rate']:.4f}, saver share {results['saver_macs'] / results['base_macs']:.4f}): it "
+            "saves nothing on this split; recalibrate it (see `tinysaver calibrate`) or use the base alone."
+        )
+    return lines
+
+
+def plot_held_out_tradeoff(
+    path: str | os.PathLike,
+    cascade: TinySaverForImageClassification,
+    simulation: CascadeSimulation,
+    results: dict[str, Any],
+) -> Path:
+    """Draws the held-out trade-off of an [`evaluate_cascade`] run (PNG, atomically).
+
+    The curve is the held-out simulation's (every threshold, from the held-out records `evaluate_cascade` made), the
+    cascade's own threshold is marked on it with what the real forward measured there, and the calibration's point
+    (from `config.calibration`, when the cascade was calibrated) is drawn beside it, with the base alone and the
+    oracle bound on the held-out split.
+    """
+    from ..plotting import plot_tradeoff
+
+    calibration = CalibrationRecord.from_dict(cascade.config.calibration)
+    saver = str(calibration.saver or cascade.config.saver_config._name_or_path or "saver")
+    base = str(calibration.base or cascade.config.base_config._name_or_path or "base")
+    split = results.get("split")
+    calibration_points = {}
+    if calibration.threshold is not None and calibration.accuracy is not None:
+        calibration_points[f"calibration point ({calibration.split or 'calibration split'})"] = calibration
+    return plot_tradeoff(
+        path,
+        {saver: simulation.curve},
+        base_accuracy=results["base_accuracy"],
+        base_name=base,
+        operating_points={saver: simulation.evaluate(cascade.config.threshold)},
+        calibration_points=calibration_points,
+        curve_label=f"held-out {split}" if split else "held-out",
+        title=f"{saver} -> {base} on {results.get('dataset')} {split} (held-out)",
+    )
 
 
 def load_cascade_metric():
@@ -547,8 +634,10 @@ __all__ = [
     "OBJECTIVE_PARAMETERS",
     "build_cascade",
     "calibrate_cascade",
+    "describe_evaluation",
     "evaluate_cascade",
     "load_cascade_metric",
+    "plot_held_out_tradeoff",
     "record_sub_models",
     "save_calibrated_cascade",
     "simulation_for",
