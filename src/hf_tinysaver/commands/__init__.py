@@ -117,8 +117,9 @@ def use_passive_openmp_waits() -> None:
 
     PyTorch's OpenMP threads spin while they wait for each other. On a machine whose cores other processes share,
     a spinning thread holds a core its partner needs: on 2 shared cores a CIFAR ResNet-56 batch of 64 measured 4 to 7
-    s with the default policy and 0.4 to 0.7 s with passive waits (2 threads each; README, demo timings). On an idle
-    machine passive waits cost little. A policy the user set is kept.
+    s with the default policy and 0.4 to 0.7 s with passive waits (2 threads each; README, demo timings). Its cost on
+    an idle machine has not been measured here; set `OMP_WAIT_POLICY=ACTIVE` to keep spinning. A policy the user set
+    is kept.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
