@@ -118,6 +118,9 @@ def test_demo_end_to_end(tmp_path):
     assert report["saver"].startswith("cifar10-resnet") and report["held_out"]["n"] == 500
     assert report["held_out"]["simulation_matches_forward"] is True
     assert len(report["pipeline_examples"]) == 4
+    from test_provenance import assert_provenance
+
+    assert_provenance(report, "demo", "--limit", "500")
     for name in ("search.png", "search.json", "cascade/tradeoff.png", "cascade/model.safetensors"):
         assert (tmp_path / "demo" / name).exists(), name
 

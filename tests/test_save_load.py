@@ -190,3 +190,23 @@ def test_save_is_atomic_per_file_and_overwrites_cleanly(tmp_path, images):
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert reloaded.config.threshold == 0.9
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
+
+
+def test_cascade_of_bare_timm_modules_answers_with_timm_class_names_in_memory_and_saved(tmp_path):
+    import timm
+
+    saver = timm.create_model("test_resnet", pretrained=False, num_classes=1000).eval()
+    base = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000).eval()
+    cascade = TinySaverForImageClassification.from_saver_and_base(saver, base, threshold=0.5).eval()
+    expected_names = list(timm.data.ImageNetInfo("imagenet-1k").label_descriptions(as_dict=True).values())
+    assert [cascade.config.id2label[i] for i in range(1000)] == expected_names
+    assert cascade.config.id2label[0] == "tench, Tinca tinca"
+
+    # In memory, transformers' pipeline() only infers a processor from a model id or path: pass the cascade's own.
+    classifier = pipeline("image-classification", model=cascade, image_processor=cascade.get_image_processor())
+    answer = classifier(random_images(1)[0], top_k=3)
+    assert [entry["label"] for entry in answer] != [] and all(entry["label"] in expected_names for entry in answer)
+
+    cascade.save_pretrained(tmp_path)
+    saved = pipeline("image-classification", model=str(tmp_path), trust_remote_code=True)
+    assert saved(random_images(1)[0], top_k=3) == answer

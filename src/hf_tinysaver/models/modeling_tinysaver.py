@@ -922,7 +922,8 @@ def load_sub_models(
 
 
 def wrap_timm_model(model: nn.Module) -> PreTrainedModel:
-    """Wraps a plain timm classifier in `TimmWrapperForImageClassification`, keeping its weights."""
+    """Wraps a plain timm classifier in `TimmWrapperForImageClassification`, keeping its weights and the class names
+    timm knows for it ([`timm_label_names`]; `LABEL_<i>` otherwise)."""
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -932,10 +933,34 @@ def wrap_timm_model(model: nn.Module) -> PreTrainedModel:
             "Plain nn.Modules must be timm classifiers (created with timm.create_model); wrap other models in a "
             "transformers PreTrainedModel first."
         )
-    config = TimmWrapperConfig(architecture=architecture, num_labels=model.num_classes, pretrained_cfg=pretrained_cfg)
+    label_names = timm_label_names(model)
+    config = TimmWrapperConfig(
+        architecture=architecture,
+        num_labels=model.num_classes,
+        pretrained_cfg=pretrained_cfg,
+        id2label=dict(enumerate(label_names)) if label_names else None,
+    )
     wrapper = TimmWrapperForImageClassification(config)
     wrapper.timm_model.load_state_dict(model.state_dict())
     return wrapper.train(model.training)
+
+
+def timm_label_names(model: nn.Module) -> list[str] | None:
+    """The class names timm knows for a classifier: its `pretrained_cfg["label_names"]`, else the descriptions of
+    the ImageNet subset its classes match (as `TimmWrapperConfig.from_pretrained` names Hub timm models), else `None`."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = pretrained_cfg.get("label_names")
+    if names is not None and len(names) == model.num_classes:
+        return [str(name) for name in names]
+    subset = infer_imagenet_subset(model)
+    if not subset:
+        return None
+    info = ImageNetInfo(subset)
+    descriptions = info.label_descriptions(as_dict=True)
+    names = [descriptions[synset] for synset in info.label_names()]
+    return names if len(names) == model.num_classes else None
 
 
 def find_preprocessing(model: PreTrainedModel, source: Any, role: str) -> dict[str, Any]:

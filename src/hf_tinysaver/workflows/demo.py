@@ -165,6 +165,7 @@ def _run_steps(task_name: str, task: dict, max_drop: float, progress: bool, out:
 
     from ..plotting import plot_tradeoff
     from ..sources import load_dataset_split
+    from ..provenance import PROVENANCE_KEY, model_provenance
     from ..storage import write_json_atomic
     from .cascade import describe_evaluation, evaluate_cascade, record_sub_models, simulation_for
     from .search import save_winning_cascade, search_savers
@@ -287,6 +288,7 @@ def _run_steps(task_name: str, task: dict, max_drop: float, progress: bool, out:
         # Wall-clock seconds of each step and of the whole demo (cold or warm records cache, as it was).
         "step_seconds": steps,
         "seconds": time.perf_counter() - started,
+        PROVENANCE_KEY: model_provenance(cascade),
     }
     write_json_atomic(out / "demo.json", report)
     return search, cascade, evaluation, timing, report
