@@ -57,6 +57,36 @@ def test_evaluate_writes_results_with_provenance_and_into_the_folder(tiny_cascad
     assert check_output_folder(folder) == folder
 
 
+def test_evaluate_measures_the_speedup_that_the_card_then_reports(tiny_cascade_dir, tiny_dataset, tmp_path):
+    from transformers import AutoConfig
+
+    from hf_tinysaver.hub.model_card import TinySaverModelCardData, generate_model_card
+
+    folder = tmp_path / "cascade"
+    shutil.copytree(tiny_cascade_dir, folder)
+    code = tinysaver(
+        ["evaluate", "--model", str(folder), "--dataset", str(tiny_dataset), "--split", "train", "--batch-size", "8",
+         "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--save-to-folder", "--measure-speedup", "16"]
+    )  # fmt: skip
+    assert code == 0
+    evaluation = json.loads((folder / EVALUATION_FILE).read_text())
+    assert evaluation["speedup"] > 0 and evaluation["streamed_speedup"] > 0 and evaluation["mac_predicted_speedup"] > 0
+    assert evaluation["speedup_timing"] == {"images": 16, "batch_size": 8, "rounds": 3}
+    config = AutoConfig.from_pretrained(folder)
+    card = str(generate_model_card(config, TinySaverModelCardData.from_config(config, evaluation=evaluation)))
+    assert f"{evaluation['speedup']:.2f}x" in card and evaluation["provenance"]["hardware"] in card
+
+
+def test_measure_speedup_needs_a_batch_of_images(tiny_cascade_dir, tiny_dataset, capsys):
+    code = tinysaver(
+        ["evaluate", "--model", str(tiny_cascade_dir), "--dataset", str(tiny_dataset), "--split", "train",
+         "--batch-size", "8", "--measure-speedup", "4", "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "--measure-speedup takes at least --batch-size (8) images" in error
+
+
 def test_save_to_folder_refuses_another_threshold(tiny_cascade_dir, tiny_dataset, capsys, tmp_path):
     folder = tmp_path / "cascade"
     shutil.copytree(tiny_cascade_dir, folder)

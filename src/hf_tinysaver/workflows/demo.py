@@ -164,12 +164,12 @@ def _run_steps(task_name: str, task: dict, max_drop: float, progress: bool, out:
     from transformers import pipeline
 
     from ..plotting import plot_tradeoff
-    from ..sources import load_dataset_split
     from ..provenance import PROVENANCE_KEY, model_provenance
+    from ..sources import load_dataset_split
     from ..storage import write_json_atomic
     from .cascade import describe_evaluation, evaluate_cascade, record_sub_models, simulation_for
     from .search import save_winning_cascade, search_savers
-    from .timing import time_cascade
+    from .timing import measure_speedup
 
     steps: dict[str, float] = {}
     step_started = time.perf_counter()
@@ -241,17 +241,8 @@ def _run_steps(task_name: str, task: dict, max_drop: float, progress: bool, out:
         "3 interleaved rounds: base alone, cascade, streamed cascade)",
         flush=True,
     )
-    inputs = cascade.get_image_processor()(images=timing_images, return_tensors="pt")
     cascade.optimize_for_inference()
-    timing = time_cascade(
-        cascade,
-        inputs["pixel_values"],
-        inputs.get("base_pixel_values", inputs["pixel_values"]),
-        64,
-        repeats=3,
-        progress=lambda line: print(line, flush=True),
-        speedups_only=True,
-    )
+    timing = measure_speedup(cascade, timing_images, 64, repeats=3, progress=lambda line: print(line, flush=True))
     step_done("timing")
 
     print("[5/5] Reloading the saved cascade through pipeline('image-classification', trust_remote_code=True)")

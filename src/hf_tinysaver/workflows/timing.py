@@ -173,4 +173,38 @@ def time_cascade(
     }
 
 
-__all__ = ["time_cascade"]
+def measure_speedup(
+    cascade,
+    images: list,
+    batch_size: int = 64,
+    repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Times the cascade against its base alone on `images` with the cascade's own processor: the realised speedup
+    (`forward` per batch), the streamed one (`forward_stream`) and the speedup MACs predict at the exit rate of these
+    images ([`time_cascade`] with `speedups_only=True`). The demo and `tinysaver evaluate --measure-speedup` use it.
+
+    Args:
+        cascade: A `TinySaverForImageClassification` in eval mode, with MACs in its config.
+        images: PIL images; the first `len(images) - len(images) % batch_size` are timed.
+        batch_size: Images per call.
+        repeats: Interleaved rounds; medians are reported.
+        progress: Called with one line per round.
+
+    Returns:
+        [`time_cascade`]'s dict.
+    """
+    inputs = cascade.get_image_processor()(images=images, return_tensors="pt")
+    pixel_values = inputs["pixel_values"]
+    return time_cascade(
+        cascade,
+        pixel_values,
+        inputs.get("base_pixel_values", pixel_values),
+        batch_size,
+        repeats=repeats,
+        progress=progress,
+        speedups_only=True,
+    )
+
+
+__all__ = ["measure_speedup", "time_cascade"]
