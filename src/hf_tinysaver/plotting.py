@@ -76,7 +76,28 @@ def tradeoff_figure(
     curve_label: str = "",
     held_out_label: str = "held-out",
 ):
-    """The trade-off plot as a `matplotlib.figure.Figure` (see [`plot_tradeoff`], which writes it)."""
+    """The trade-off plot as a `matplotlib.figure.Figure`: cascade accuracy (%) against cost (relative MACs, % of the
+    base); [`plot_tradeoff`] writes it.
+
+    Args:
+        curves: Saver name -> its trade-off curve (needs labels), drawn solid.
+        base_accuracy: Accuracy of the base alone, drawn as a star at 100 % cost.
+        base_name: Label of the base point.
+        operating_points: Saver name -> the chosen operating point, marked and labelled with its threshold.
+        show_frontier: Also draw the Pareto frontier over all `curves`.
+        title: Plot title.
+        held_out_curves: Saver name -> its trade-off curve on held-out data, drawn dashed in the same colour.
+        held_out_points: Saver name -> the operating point measured on held-out data, marked and labelled.
+        calibration_points: Label -> a point measured elsewhere (anything with `relative_macs`, `accuracy`,
+            `threshold`, e.g. a [`~calibration.record.CalibrationRecord`]), drawn as a hollow circle.
+        show_oracle: Draw the oracle bound (see [`oracle_bound`]) of the chosen saver (the one with an operating
+            point, else the only curve).
+        curve_label: Appended in brackets to the names of `curves` in the legend (e.g. the calibration split).
+        held_out_label: Appended in brackets to the names of `held_out_curves` in the legend.
+
+    Returns:
+        The `Figure` (drawn without pyplot, so no global backend or state changes).
+    """
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
@@ -182,56 +203,20 @@ def tradeoff_figure(
 
 
 def plot_tradeoff(
-    path: str | os.PathLike,
-    curves: Mapping[str, TradeoffCurve],
-    base_accuracy: float,
-    base_name: str = "base",
-    operating_points: Mapping[str, CalibrationResult] | None = None,
-    show_frontier: bool = False,
-    title: str | None = None,
-    held_out_curves: Mapping[str, TradeoffCurve] | None = None,
-    held_out_points: Mapping[str, CalibrationResult] | None = None,
-    calibration_points: Mapping[str, Any] | None = None,
-    show_oracle: bool = True,
-    curve_label: str = "",
-    held_out_label: str = "held-out",
+    path: str | os.PathLike, curves: Mapping[str, TradeoffCurve], base_accuracy: float, **options
 ) -> Path:
-    """Plots cascade accuracy (%) against cost (relative MACs, % of the base) and writes a PNG atomically.
+    """Draws [`tradeoff_figure`] and writes it as a PNG atomically.
 
     Args:
         path: Where to write the PNG.
-        curves: Saver name -> its trade-off curve (needs labels), drawn solid.
-        base_accuracy: Accuracy of the base alone, drawn as a star at 100 % cost.
-        base_name: Label of the base point.
-        operating_points: Saver name -> the chosen operating point, marked and labelled with its threshold.
-        show_frontier: Also draw the Pareto frontier over all `curves`.
-        title: Plot title.
-        held_out_curves: Saver name -> its trade-off curve on held-out data, drawn dashed in the same colour.
-        held_out_points: Saver name -> the operating point measured on held-out data, marked and labelled.
-        calibration_points: Label -> a point measured elsewhere (anything with `relative_macs`, `accuracy`,
-            `threshold`, e.g. a [`~calibration.record.CalibrationRecord`]), drawn as a hollow circle.
-        show_oracle: Draw the oracle bound (see [`oracle_bound`]) of the chosen saver (the one with an operating
-            point, else the only curve).
-        curve_label: Appended in brackets to the names of `curves` in the legend (e.g. the calibration split).
-        held_out_label: Appended in brackets to the names of `held_out_curves` in the legend.
+        curves: Saver name -> its trade-off curve, as for [`tradeoff_figure`].
+        base_accuracy: Accuracy of the base alone.
+        **options: The other arguments of [`tradeoff_figure`] (`operating_points`, `held_out_curves`, `title`, ...).
 
     Returns:
         The written path.
     """
-    figure = tradeoff_figure(
-        curves,
-        base_accuracy,
-        base_name=base_name,
-        operating_points=operating_points,
-        show_frontier=show_frontier,
-        title=title,
-        held_out_curves=held_out_curves,
-        held_out_points=held_out_points,
-        calibration_points=calibration_points,
-        show_oracle=show_oracle,
-        curve_label=curve_label,
-        held_out_label=held_out_label,
-    )
+    figure = tradeoff_figure(curves, base_accuracy, **options)
     return write_file_atomic(path, lambda file: figure.savefig(file, format="png"))
 
 

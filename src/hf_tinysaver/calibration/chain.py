@@ -53,7 +53,6 @@ Objectives (a two-stage chain gives exactly [`CascadeSimulation`]'s point for ea
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -76,7 +75,7 @@ from .certification import (
     drop_upper_bounds,
 )
 from .checks import check_confidence_level, check_number
-from .simulation import CascadeSimulation, InfeasibleTargetError, count_for_rate
+from .simulation import CascadeSimulation, InfeasibleTargetError, OperatingPointResult, count_for_rate
 
 CHAIN_OBJECTIVES = ("max-drop", "exit-rate", "budget", "agreement")
 
@@ -90,7 +89,7 @@ _CHUNK_ROWS = 64
 
 
 @dataclass
-class ChainCalibrationResult:
+class ChainCalibrationResult(OperatingPointResult):
     """The operating point of a chain an objective picked (or that given thresholds give).
 
     Attributes:
@@ -121,19 +120,9 @@ class ChainCalibrationResult:
     candidates: int = 0
     parameters: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def accuracy_drop(self) -> float | None:
-        """Base accuracy minus chain accuracy, in points (None without labels)."""
-        if self.accuracy is None or self.base_accuracy is None:
-            return None
-        return 100.0 * (self.base_accuracy - self.accuracy)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; the objective's parameters follow the common keys."""
-        output = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "parameters"}
-        output["accuracy_drop"] = self.accuracy_drop
-        output.update(self.parameters)
-        return output
+    def derived_fields(self) -> dict[str, Any]:
+        """`to_dict` also holds the accuracy drop."""
+        return {"accuracy_drop": self.accuracy_drop}
 
 
 class ChainSimulation:

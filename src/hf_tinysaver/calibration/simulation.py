@@ -115,8 +115,32 @@ def count_for_rate(rate: float, n: int) -> int:
     return max(0, math.ceil(round(rate * n, 9)))
 
 
+class OperatingPointResult:
+    """What the results of a calibration share ([`CalibrationResult`], `calibration.chain.ChainCalibrationResult`):
+    the accuracy drop and a flat JSON-ready dict. Subclasses are dataclasses with `accuracy`, `base_accuracy` and a
+    trailing `parameters` dict."""
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Base accuracy minus the cascade's accuracy, in points (None without labels)."""
+        if self.accuracy is None or self.base_accuracy is None:
+            return None
+        return 100.0 * (self.base_accuracy - self.accuracy)
+
+    def derived_fields(self) -> dict[str, Any]:
+        """Computed values `to_dict` adds after the fields (none here)."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with stable keys: the fields, the derived values, then the objective's parameters."""
+        output = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "parameters"}
+        output.update(self.derived_fields())
+        output.update(self.parameters)
+        return output
+
+
 @dataclass
-class CalibrationResult:
+class CalibrationResult(OperatingPointResult):
     """The operating point an objective picked (or that a fixed threshold gives).
 
     Attributes:
@@ -149,19 +173,6 @@ class CalibrationResult:
     def delta_c(self) -> float:
         """The paper's ΔC at this point, `relative_saver_macs - exit_rate` (negative means a saving)."""
         return self.relative_saver_macs - self.exit_rate
-
-    @property
-    def accuracy_drop(self) -> float | None:
-        """Base accuracy minus cascade accuracy, in points (None without labels)."""
-        if self.accuracy is None or self.base_accuracy is None:
-            return None
-        return 100.0 * (self.base_accuracy - self.accuracy)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with stable keys; the objective's parameters follow the common keys."""
-        output = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "parameters"}
-        output.update(self.parameters)
-        return output
 
     def describe(self) -> str:
         """One line for messages: threshold, exit rate, relative MACs and, with labels, accuracy."""
@@ -791,6 +802,7 @@ __all__ = [
     "CalibrationResult",
     "CascadeSimulation",
     "InfeasibleTargetError",
+    "OperatingPointResult",
     "TradeoffCurve",
     "calibrate",
     "check_finite_logits",
