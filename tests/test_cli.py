@@ -140,6 +140,9 @@ def test_flags_mean_the_same_in_every_subcommand():
             assert options["--base"].option_strings == ["--base"], f"{command}: --base has no short flag"
         if "-m" in options:
             assert options["-m"].dest == "model", f"{command}: -m is --model wherever it exists"
+        if "--out" in options:
+            assert options["-o"] is options["--out"], f"{command}: -o is --out wherever it exists"
+            assert "--overwrite" in options, f"{command}: an --out folder can be replaced with --overwrite"
     esn = {option for action in by_command["esn-train"]._actions for option in action.option_strings}
     assert "--train-batch-size" in esn
 

@@ -132,6 +132,15 @@ def add_confidence_argument(parser, help: str | None = None) -> None:
     parser.add_argument("--confidence", default="max_prob", choices=CONFIDENCE_CHOICES, help=help)
 
 
+def add_overwrite_argument(parser) -> None:
+    """`--overwrite`: lets `--out` replace, as a whole, a folder holding files the library did not write."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
+    )
+
+
 __all__ = [
     "CONFIDENCE_CHOICES",
     "CONFIDENCE_LEVEL_TYPE",
@@ -141,6 +150,7 @@ __all__ = [
     "add_batch_size_argument",
     "add_confidence_argument",
     "add_data_arguments",
+    "add_overwrite_argument",
     "add_saver_and_base_arguments",
     "data_options",
     "number_type",

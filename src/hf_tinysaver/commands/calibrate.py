@@ -10,6 +10,7 @@ from .arguments import (
     MAX_DROP_TYPE,
     add_confidence_argument,
     add_data_arguments,
+    add_overwrite_argument,
     add_saver_and_base_arguments,
     data_options,
     number_type,
@@ -66,11 +67,7 @@ def add_parser(subparsers) -> None:
         "interrupt leaves the old folder or the new one. An existing folder is replaced only when it holds nothing "
         "but an earlier hf_tinysaver cascade, or with --overwrite. Checked before any recording starts.",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
-    )
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--allow-no-savings",
         action="store_true",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..workflows.demo import DEMO_TASKS  # standard library only: building the parser stays light
-from .arguments import MAX_DROP_TYPE, add_batch_size_argument
+from .arguments import MAX_DROP_TYPE, add_batch_size_argument, add_overwrite_argument
 
 
 def add_parser(subparsers) -> None:
@@ -30,11 +30,7 @@ def add_parser(subparsers) -> None:
         "completes, so an interrupted run leaves the previous output intact. An existing folder is replaced only "
         "when it holds nothing but an earlier demo output, or with --overwrite.",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
-    )
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--assets",
         default=None,

@@ -19,6 +19,7 @@ from .arguments import (
     MAX_DROP_TYPE,
     add_batch_size_argument,
     add_confidence_argument,
+    add_overwrite_argument,
     add_saver_and_base_arguments,
 )
 
@@ -97,15 +98,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     calibration.add_argument("--budget-steps", type=int, default=10, help="Grid of the drop budget split over exits.")
     calibration.add_argument(
         "--out",
+        "-o",
         default=None,
         help="Folder to save the calibrated model to (written beside and swapped in when complete; checked before "
         "training). An existing folder is replaced only when it holds nothing but an earlier ESN, or with --overwrite.",
     )
-    calibration.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
-    )
+    add_overwrite_argument(calibration)
     calibration.add_argument(
         "--allow-no-savings",
         action="store_true",

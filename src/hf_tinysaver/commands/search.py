@@ -12,6 +12,7 @@ from .arguments import (
     MODEL_HELP,
     add_confidence_argument,
     add_data_arguments,
+    add_overwrite_argument,
     data_options,
 )
 
@@ -73,11 +74,7 @@ def add_parser(subparsers) -> None:
         help="Save the winner's cascade, calibrated at --max-drop, to this folder (checked before the search; an "
         "existing folder is replaced only when it holds nothing but an earlier cascade, or with --overwrite).",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace --out as a whole even when it holds files hf_tinysaver did not write (they are deleted).",
-    )
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run_search)
 
 
