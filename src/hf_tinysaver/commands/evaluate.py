@@ -86,11 +86,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
             )
         cascade.config.threshold = args.threshold
     results, simulation = evaluate_cascade(
-        cascade, args.dataset, args.split, return_simulation=True, **data_options(args)
+        cascade,
+        args.dataset,
+        args.split,
+        return_simulation=True,
+        speedup_images=args.measure_speedup,
+        **data_options(args),
     )
     results["model"] = str(args.model)
-    if args.measure_speedup and distributed_state().is_main_process:
-        results.update(measured_speedup(cascade, args))
     if distributed_state().is_main_process:
         print("\n".join(describe_evaluation(results)))
         print(f"{results['images_per_second']:.1f} img/s (cascade forward passes)")
@@ -102,26 +105,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
             path = plot_held_out_tradeoff(args.plot, cascade, simulation, results)
             print(f"plot: {path}")
     return 0
-
-
-def measured_speedup(cascade, args: argparse.Namespace) -> dict:
-    """The `speedup`, `streamed_speedup` and `mac_predicted_speedup` of `--measure-speedup N`, and how they were
-    measured, timed on the first N images of the split (the cascade as loaded: no inference optimisations)."""
-    from ..records import IMAGE_COLUMNS, find_column
-    from ..sources import load_dataset_split
-    from ..workflows.timing import measure_speedup
-
-    split = load_dataset_split(args.dataset, args.split, assets=args.assets, shuffle_seed=args.shuffle_seed)
-    images = split.select(range(min(args.measure_speedup, len(split))))
-    images = images[find_column(images, None, IMAGE_COLUMNS, "image", required=True)]
-    say = (lambda line: print(line, flush=True)) if args.progress else None
-    timing = measure_speedup(cascade, images, args.batch_size, progress=say)
-    return {
-        "speedup": timing["realised_speedup"],
-        "streamed_speedup": timing["streamed_speedup"],
-        "mac_predicted_speedup": timing["mac_predicted_speedup"],
-        "speedup_timing": {"images": timing["n"], "batch_size": timing["batch_size"], "rounds": 3},
-    }
 
 
 __all__ = ["add_parser", "run_evaluate"]

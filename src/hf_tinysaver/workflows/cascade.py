@@ -433,6 +433,7 @@ def evaluate_cascade(
     shuffle_seed: int | None = None,
     label_map: Any = None,
     return_simulation: bool = False,
+    speedup_images: int = 0,
 ) -> dict[str, Any]:
     r"""
     Runs the real cascade (not a simulation) over a split and measures what it does.
@@ -443,7 +444,9 @@ def evaluate_cascade(
     beside the measured ones (they must match exactly).
 
     The labels are read in the cascade's label space as in [`record`] (class names aligned, range checked);
-    `shuffle_seed` permutes the whole named split before the slice is taken.
+    `shuffle_seed` permutes the whole named split before the slice is taken. With `speedup_images=N`, the main
+    process also times the cascade against its base alone on the first N images at `batch_size`
+    ([`~workflows.timing.measure_speedup`]; the cascade as it is, no inference optimisations).
 
     Returns:
         A dict with `accuracy`, `base_accuracy`, `exit_rate`, `agreement`, `relative_macs` (MACs actually spent / base
@@ -451,8 +454,9 @@ def evaluate_cascade(
         `images_per_second` (cascade forward passes), `n`, `threshold`, `max_drop` (the calibration's target, if any),
         `target_missed` (the held-out drop is above it), `saver_alone` (every image exits), the simulated figures and
         `provenance` (versions, device, hardware, dtype, threads and command: [`~hf_tinysaver.provenance.provenance`]).
-        With `return_simulation=True`, `(results, simulation)`: the [`CascadeSimulation`] of the held-out records
-        (for the held-out trade-off plot).
+        With `speedup_images`, also `speedup`, `streamed_speedup`, `mac_predicted_speedup` and `speedup_timing` (how
+        they were timed). With `return_simulation=True`, `(results, simulation)`: the [`CascadeSimulation`] of the
+        held-out records (for the held-out trade-off plot).
     """
     from accelerate.utils import gather_object
     from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -555,6 +559,21 @@ def evaluate_cascade(
         ),
         PROVENANCE_KEY: model_provenance(cascade),
     }
+    if speedup_images and state.is_main_process:
+        from .timing import measure_speedup
+
+        timing = measure_speedup(
+            cascade,
+            data.select(range(min(speedup_images, len(data))))[image_column],
+            batch_size,
+            progress=(lambda line: print(line, flush=True)) if progress else None,
+        )
+        results |= {
+            "speedup": timing["realised_speedup"],
+            "streamed_speedup": timing["streamed_speedup"],
+            "mac_predicted_speedup": timing["mac_predicted_speedup"],
+            "speedup_timing": {"images": timing["n"], "batch_size": timing["batch_size"], "rounds": 3},
+        }
     if return_simulation:
         return results, simulation
     return results
