@@ -117,6 +117,18 @@ def gap_thresholds(confidences: torch.Tensor) -> list[float]:
     return thresholds
 
 
+def gap_thresholds_of(model, **inputs) -> list[float]:
+    """[`gap_thresholds`] of the saver's and every exit's confidences (max prob) on `inputs`, for the whole base."""
+    with torch.no_grad():
+        everything = model(**inputs, output_all_exits=True)
+    confidences = torch.stack(
+        [everything.saver_confidence]
+        + [torch.softmax(everything.exit_logits[:, p].double(), -1).amax(-1) for p in range(model.esn.num_exits)],
+        dim=1,
+    )
+    return gap_thresholds(confidences)
+
+
 @pytest.fixture(scope="module")
 def cifar_model():
     return cifar_esn()
@@ -198,14 +210,7 @@ def count_stage_rows(model):
 
 def test_early_exited_rows_skip_later_base_stages(cifar_model, pixels):
     model = cifar_model
-    with torch.no_grad():
-        everything = model(pixel_values=pixels, output_all_exits=True)
-    confidences = torch.stack(
-        [everything.saver_confidence]
-        + [torch.softmax(everything.exit_logits[:, p].double(), -1).amax(-1) for p in range(model.esn.num_exits)],
-        dim=1,
-    )
-    thresholds = gap_thresholds(confidences)
+    thresholds = gap_thresholds_of(model, pixel_values=pixels)
     counts, handles = count_stage_rows(model)
     try:
         with torch.no_grad():
@@ -274,14 +279,7 @@ def test_forward_stream_answers_like_forward_on_real_cifar():
     randomize_esn(model.esn, seed=5)
     images = load_zoo_dataset("cifar10", "test[5000:5192]", assets=str(SHARED))["image"]
     pixel_values = model.get_image_processor()(images=images, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        everything = model(pixel_values=pixel_values, output_all_exits=True)
-    confidences = torch.stack(
-        [everything.saver_confidence]
-        + [torch.softmax(everything.exit_logits[:, p].double(), -1).amax(-1) for p in range(model.esn.num_exits)],
-        dim=1,
-    )
-    thresholds = gap_thresholds(confidences)
+    thresholds = gap_thresholds_of(model, pixel_values=pixel_values)
     model.config.threshold, model.config.exit_thresholds = thresholds[0], thresholds[1:]
     with torch.no_grad():
         expected = model(pixel_values=pixel_values)
@@ -583,14 +581,7 @@ def saved_esn(tmp_path_factory):
     randomize_esn(model.esn, 1, head_scale=0.2)
     arrays = torch.stack([torch.from_numpy(np.array(image.resize((40, 40)))) for image in random_images(12, seed=5)])
     inputs = model.get_image_processor()(images=[_pil(a) for a in arrays], return_tensors="pt")
-    with torch.no_grad():
-        everything = model(**inputs, output_all_exits=True)
-    confidences = torch.stack(
-        [everything.saver_confidence]
-        + [torch.softmax(everything.exit_logits[:, p].double(), -1).amax(-1) for p in range(3)],
-        dim=1,
-    )
-    thresholds = gap_thresholds(confidences)
+    thresholds = gap_thresholds_of(model, **inputs)
     model.config.threshold, model.config.exit_thresholds = thresholds[0], thresholds[1:]
     model.save_pretrained(directory)
     return directory, model, arrays, inputs
